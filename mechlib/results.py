@@ -8,8 +8,8 @@ entries, index by label, and draw a heatmap.
 Example:
     >>> import torch
     >>> g = Grid(torch.tensor([[0.1, 0.9], [0.5, 0.2]]), dims=("layer", "head"), title="scores")
-    >>> g.top(1)
-    [({'layer': 0, 'head': 1}, 0.8999999761581543)]
+    >>> [(c, round(v, 3)) for c, v in g.top(1)]
+    [({'layer': 0, 'head': 1}, 0.9)]
     >>> g.label(layer=0, head=1)
     'L0H1'
 """
