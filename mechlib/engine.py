@@ -1,0 +1,554 @@
+"""A lean, exact mirror of a TransformerBridge's forward pass, built for sweeps.
+
+Patching and causal tracing run thousands of forward passes that differ from one base run in a
+single place. Three things make them cheap, and the bridge's own forward can use none of them:
+
+* **Batching many interventions into one call.** The bridge pays ~100 ms of Python overhead per
+  call whatever its size; this mirror pays about a millisecond per layer.
+* **Reusing the base run below the intervened layer.** An intervention at layer ``L`` leaves
+  layers ``< L`` as they were, so the run resumes at ``L`` from the cached residual stream.
+* **Reusing positions before the intervened one.** Attention is causal: an intervention at
+  position ``p`` leaves every position ``< p`` untouched at every layer. The run resumes on the
+  suffix ``p:`` only, attending to the cached keys and values of the prefix.
+
+The mirror computes with the bridge's own processed weights (``W_Q``, ``W_K``, ... after
+``enable_compatibility_mode()``), fires interventions at the bridge's hook names
+(``blocks.{l}.attn.hook_z``, ``blocks.{l}.hook_resid_pre``, ...) with the same shapes, and matches
+the bridge's activations and logits to float32 rounding (``tests/test_engine.py`` checks every
+hook on three architectures). Supported: LayerNorm or RMSNorm (folded), learned or rotary
+positions, grouped-query attention, gated or plain MLPs, attention-only models. Anything else
+raises :class:`UnsupportedModelError`, and callers fall back to the bridge's hooks.
+
+Example:
+    >>> from mechlib.models import load_model
+    >>> model = load_model("tiny-llama-2l")
+    >>> engine = Engine(model)
+    >>> tokens = torch.randint(0, 256, (2, 6))
+    >>> base = engine.run(tokens)                    # logits + every activation
+    >>> zero_z = lambda z, ctx: z * 0
+    >>> patched = engine.resume(base, start_layer=1, start_pos=3,
+    ...                         edits={"blocks.1.attn.hook_z": zero_z})
+    >>> patched.shape                                # [batch, pos, vocab]: prefix from the base
+    torch.Size([2, 6, 256])
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+__all__ = ["BaseRun", "EditContext", "Engine", "UnsupportedModelError", "get_engine", "HOOKS_PER_LAYER"]
+
+# Hook names (suffixes after ``blocks.{l}.``) the mirror fires, in forward order.
+HOOKS_PER_LAYER = (
+    "hook_resid_pre",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The engine cannot mirror this model's architecture exactly."""
+
+
+@dataclass
+class EditContext:
+    """What an edit function is told about the activation it receives.
+
+    Attributes:
+        hook: The hook name, e.g. ``"blocks.5.attn.hook_z"``.
+        layer: The layer of the hook (``-1`` for ``hook_embed``).
+        start_pos: Absolute position of the first row of the activation's position axis (the
+            run covers positions ``start_pos .. n_pos-1``; for ``hook_pattern`` this is the
+            query axis, while the key axis always starts at 0).
+        base_index: ``[batch]`` which base-run prompt each row of the batch continues.
+    """
+
+    hook: str
+    layer: int
+    start_pos: int
+    base_index: torch.Tensor
+
+
+EditFn = Callable[[torch.Tensor, EditContext], Optional[torch.Tensor]]
+
+
+@dataclass
+class BaseRun:
+    """A cached run: its tokens, logits, and every activation the mirror can fire.
+
+    ``acts[name]`` has the bridge's shape for that hook over the whole sequence;
+    ``keys[l]``/``values[l]`` are the rotated keys and values ``[batch, kv_head, pos, d_head]``
+    later runs attend to when they resume on a suffix.
+    """
+
+    tokens: Optional[torch.Tensor]
+    logits: torch.Tensor
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def n_batch(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.logits.shape[1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.acts:
+            raise KeyError(f"{name!r} was not cached; cached hooks include {sorted(self.acts)[:6]} ...")
+        return self.acts[name]
+
+
+def _act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    name = (name or "").lower()
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise UnsupportedModelError(f"activation {name!r} is not mirrored")
+
+
+def _rotate_half_split(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Engine:
+    """Mirror of a ``TransformerBridge`` for batched, prefix-reusing interventions.
+
+    Args:
+        model: A bridge loaded by :func:`mechlib.models.load_model` (compatibility mode on).
+
+    Raises:
+        UnsupportedModelError: The architecture uses something the mirror does not
+            reproduce (soft caps, embedding scaling, parallel attention, ...).
+    """
+
+    def __init__(self, model) -> None:
+        cfg = model.cfg
+        self._model_ref = weakref.ref(model)
+        self.cfg = cfg
+        self.n_layers = cfg.n_layers
+        self.n_heads = cfg.n_heads
+        self.n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        self.d_head = cfg.d_head
+        self.d_model = cfg.d_model
+        self._check_supported(model)
+        self.dtype = model.W_E.dtype
+        self.device = model.W_E.device
+        self.eps = float(cfg.eps)
+        self.rms = bool(getattr(cfg, "uses_rms_norm", False)) or str(cfg.normalization_type).startswith("RMS")
+        self.final_rms = bool(getattr(cfg, "final_rms", False)) or self.rms
+        self.attn_only = bool(cfg.attn_only)
+        self.gated = bool(getattr(cfg, "gated_mlp", False))
+        self.act = None if self.attn_only else _act_fn(cfg.act_fn)
+        self.scale = 1.0 / math.sqrt(self.d_head) if cfg.use_attn_scale else 1.0
+        if cfg.use_attn_scale and getattr(cfg, "attn_scale", -1.0) not in (-1.0, None):
+            self.scale = 1.0 / float(cfg.attn_scale)
+
+        with torch.no_grad():
+            self.W_E = model.W_E.detach()
+            self.W_pos = model.W_pos.detach() if cfg.positional_embedding_type == "standard" else None
+            self.W_U = model.W_U.detach()
+            self.b_U = self._opt(lambda: model.b_U, (self.W_U.shape[1],))
+            H, K, dh, d = self.n_heads, self.n_kv, self.d_head, self.d_model
+            WQ, WK, WV, WO = model.W_Q.detach(), model.W_K.detach(), model.W_V.detach(), model.W_O.detach()
+            bQ = self._opt(lambda: model.b_Q, (self.n_layers, H, dh))
+            bK = self._opt(lambda: model.b_K, (self.n_layers, K, dh))
+            bV = self._opt(lambda: model.b_V, (self.n_layers, K, dh))
+            bO = self._opt(lambda: model.b_O, (self.n_layers, d))
+            self.W_qkv, self.b_qkv, self.W_o, self.b_o = [], [], [], []
+            for l in range(self.n_layers):
+                w = torch.cat([WQ[l].permute(1, 0, 2).reshape(d, H * dh), WK[l].permute(1, 0, 2).reshape(d, K * dh),
+                               WV[l].permute(1, 0, 2).reshape(d, K * dh)], dim=1)
+                self.W_qkv.append(w.contiguous())
+                self.b_qkv.append(torch.cat([bQ[l].reshape(-1), bK[l].reshape(-1), bV[l].reshape(-1)]))
+                self.W_o.append(WO[l].reshape(H * dh, d).contiguous())
+                self.b_o.append(bO[l])
+            self.W_mlp_in, self.b_mlp_in, self.W_mlp_out, self.b_mlp_out = [], [], [], []
+            if not self.attn_only:
+                W_in, W_out = model.W_in.detach(), model.W_out.detach()
+                m = W_in.shape[-1]
+                b_in = self._opt(lambda: model.b_in, (self.n_layers, m))
+                b_out = self._opt(lambda: model.b_out, (self.n_layers, d))
+                W_gate = model.W_gate.detach() if self.gated else None
+                for l in range(self.n_layers):
+                    if self.gated:
+                        # [gate | in] in one matmul; TL: post = act(x @ W_gate) * (x @ W_in + b_in)
+                        self.W_mlp_in.append(torch.cat([W_gate[l], W_in[l]], dim=1).contiguous())
+                        self.b_mlp_in.append(torch.cat([torch.zeros_like(b_in[l]), b_in[l]]))
+                    else:
+                        self.W_mlp_in.append(W_in[l].contiguous())
+                        self.b_mlp_in.append(b_in[l])
+                    self.W_mlp_out.append(W_out[l].contiguous())
+                    self.b_mlp_out.append(b_out[l])
+        self._rope = self._make_rope(model)
+
+    @property
+    def model(self):
+        """The bridge this engine mirrors (held weakly, so engines never keep models alive)."""
+        return self._model_ref()
+
+    # ---- set-up ------------------------------------------------------------------------
+
+    def _opt(self, getter: Callable[[], Optional[torch.Tensor]], shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            t = getter()
+        except AttributeError:
+            t = None
+        if t is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return t.detach()
+
+    @staticmethod
+    def _check_supported(model) -> None:
+        cfg = model.cfg
+        if not getattr(model, "compatibility_mode", False):
+            raise UnsupportedModelError(
+                "the engine mirrors compatibility-mode numerics; load the model with "
+                "mechlib.load_model (or call model.enable_compatibility_mode())"
+            )
+        problems = []
+        if getattr(cfg, "output_logits_soft_cap", -1.0) not in (-1.0, 0.0, None):
+            problems.append("output logit soft cap")
+        if getattr(cfg, "attn_scores_soft_cap", -1.0) not in (-1.0, 0.0, None):
+            problems.append("attention score soft cap")
+        if getattr(cfg, "parallel_attn_mlp", False):
+            problems.append("parallel attention and MLP")
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+            problems.append("attention scaled by inverse layer index")
+        if getattr(cfg, "use_local_attn", False) or getattr(cfg, "window_size", None):
+            problems.append("local attention")
+        if getattr(cfg, "use_normalization_before_and_after", False) or getattr(cfg, "post_embedding_ln", False):
+            problems.append("extra normalisation layers")
+        if getattr(cfg, "use_qk_norm", False):
+            problems.append("query/key normalisation")
+        if getattr(cfg, "scale_embedding", None):
+            problems.append("scaled embeddings")
+        if getattr(cfg, "attention_dir", "causal") != "causal":
+            problems.append("bidirectional attention")
+        if cfg.positional_embedding_type not in ("standard", "rotary"):
+            problems.append(f"positional embedding {cfg.positional_embedding_type!r}")
+        if getattr(cfg, "num_experts", None):
+            problems.append("mixture of experts")
+        if problems:
+            raise UnsupportedModelError(
+                f"{cfg.model_name}: the engine does not mirror {', '.join(problems)}; "
+                "use the bridge's hooks (mechlib falls back to them automatically)"
+            )
+
+    def _make_rope(self, model):
+        if self.cfg.positional_embedding_type != "rotary":
+            return None
+        orig = model.original_model
+        native = getattr(orig, "rotary", None)
+        if native is not None and hasattr(native, "apply_rope"):
+
+            def rope_native(q, k, positions):
+                return native.apply_rope(q, k, position_ids=positions[None])
+
+            return rope_native
+        rot = None
+        for name, mod in orig.named_modules():
+            if name.endswith("rotary_emb"):
+                rot = mod
+                break
+        if rot is None:
+            raise UnsupportedModelError("rotary model without a recognised rotary embedding module")
+        rot = getattr(rot, "_original_component", rot)
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def rope_hf(q, k, positions):
+            n = int(positions[-1]) + 1
+            if n not in cache:
+                dummy = torch.zeros(1, n, self.d_head, dtype=self.dtype, device=self.device)
+                cos, sin = rot(dummy, torch.arange(n, device=self.device)[None])
+                cache.clear()
+                cache[n] = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+            cos, sin = cache[n]
+            cos, sin = cos[positions], sin[positions]  # [S, rd]
+            rd = cos.shape[-1]
+
+            def apply(x):
+                xr, xp = x[..., :rd], x[..., rd:]
+                xr = xr * cos + _rotate_half_split(xr) * sin
+                return torch.cat([xr, xp], dim=-1) if xp.shape[-1] else xr
+
+            return apply(q), apply(k)
+
+        return rope_hf
+
+    # ---- core --------------------------------------------------------------------------
+
+    def _norm(self, x: torch.Tensor, rms: bool) -> torch.Tensor:
+        if rms:
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        x = x - x.mean(-1, keepdim=True)
+        return x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def embed(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
+        x = self.W_E[tokens]
+        if self.W_pos is not None:
+            x = x + self.W_pos[: tokens.shape[1]]
+        return x
+
+    def unembed(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... vocab"]:
+        """Final norm and unembedding of a residual-stream tensor."""
+        return self._norm(resid, self.final_rms) @ self.W_U + self.b_U
+
+    def _forward(
+        self,
+        resid: torch.Tensor,
+        start_layer: int,
+        start_pos: int,
+        prefix_keys: Optional[list[torch.Tensor]],
+        prefix_values: Optional[list[torch.Tensor]],
+        base_index: torch.Tensor,
+        edits: dict[str, EditFn],
+        keep: Optional[set[str]],
+        stop_layer: Optional[int] = None,
+    ):
+        """Run blocks ``start_layer..`` on positions ``start_pos..`` of ``resid``.
+
+        Returns the final residual, the kept activations, and the new keys/values per layer.
+        """
+        N, S, d = resid.shape
+        H, K, dh = self.n_heads, self.n_kv, self.d_head
+        T = start_pos + S
+        positions = torch.arange(start_pos, T, device=resid.device)
+        mask = torch.ones(S, T, dtype=torch.bool, device=resid.device).tril(diagonal=start_pos)
+        kept: dict[str, torch.Tensor] = {}
+        new_k: list[torch.Tensor] = []
+        new_v: list[torch.Tensor] = []
+        want_all = keep is not None and "*" in keep
+
+        def fire(name: str, act: torch.Tensor, layer: int) -> torch.Tensor:
+            fn = edits.get(name)
+            if fn is not None:
+                out = fn(act, EditContext(name, layer, start_pos, base_index))
+                if out is not None:
+                    if out.shape != act.shape:
+                        raise ValueError(f"edit at {name} returned shape {tuple(out.shape)}, expected {tuple(act.shape)}")
+                    act = out
+            if keep is not None and (want_all or name in keep):
+                kept[name] = act
+            return act
+
+        needs = set(edits) | (keep or set())
+        stop = self.n_layers if stop_layer is None else stop_layer
+        for l in range(start_layer, stop):
+            p = f"blocks.{l}."
+            resid = fire(p + "hook_resid_pre", resid, l)
+            x = self._norm(resid, self.rms)
+            qkv = x @ self.W_qkv[l] + self.b_qkv[l]
+            q = qkv[..., : H * dh].view(N, S, H, dh)
+            k = qkv[..., H * dh : (H + K) * dh].view(N, S, K, dh)
+            v = qkv[..., (H + K) * dh :].view(N, S, K, dh)
+            if want_all or needs & {p + "attn.hook_q", p + "attn.hook_k", p + "attn.hook_v"}:
+                q = fire(p + "attn.hook_q", q, l)
+                k = fire(p + "attn.hook_k", k, l)
+                v = fire(p + "attn.hook_v", v, l)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [N, head, S, dh]
+            if self._rope is not None:
+                q, k = self._rope(q, k, positions)
+            if start_pos > 0:
+                pk, pv = prefix_keys[l], prefix_values[l]
+                if pk.shape[0] != N:
+                    pk, pv = pk[base_index], pv[base_index]
+                k = torch.cat([pk[:, :, :start_pos], k], dim=2)
+                v = torch.cat([pv[:, :, :start_pos], v], dim=2)
+            new_k.append(k)
+            new_v.append(v)
+            if K != H:
+                k = k.repeat_interleave(H // K, dim=1)
+                v = v.repeat_interleave(H // K, dim=1)
+            scores = (q @ k.transpose(-1, -2)) * self.scale
+            scores = scores.masked_fill(~mask, float("-inf"))
+            pattern = scores.softmax(-1)
+            pattern = fire(p + "attn.hook_pattern", pattern, l)
+            z = (pattern @ v).transpose(1, 2)  # [N, S, head, dh]
+            z = fire(p + "attn.hook_z", z, l)
+            attn_out = z.reshape(N, S, H * dh) @ self.W_o[l] + self.b_o[l]
+            attn_out = fire(p + "hook_attn_out", attn_out, l)
+            resid = resid + attn_out
+            if not self.attn_only:
+                resid = fire(p + "hook_resid_mid", resid, l)
+                x = self._norm(resid, self.rms)
+                h = x @ self.W_mlp_in[l] + self.b_mlp_in[l]
+                if self.gated:
+                    m = h.shape[-1] // 2
+                    gate, lin = h[..., :m], h[..., m:]
+                    gate = fire(p + "mlp.hook_pre", gate, l)
+                    post = self.act(gate) * lin
+                else:
+                    h = fire(p + "mlp.hook_pre", h, l)
+                    post = self.act(h)
+                post = fire(p + "mlp.hook_post", post, l)
+                mlp_out = post @ self.W_mlp_out[l] + self.b_mlp_out[l]
+                mlp_out = fire(p + "hook_mlp_out", mlp_out, l)
+                resid = resid + mlp_out
+            resid = fire(p + "hook_resid_post", resid, l)
+        return resid, kept, new_k, new_v
+
+    # ---- public API ---------------------------------------------------------------------
+
+    def check_hook_names(self, names: Iterable[str]) -> None:
+        """Raise ``KeyError`` naming any hook the mirror cannot fire, with examples."""
+        valid = {f"blocks.{l}.{h}" for l in range(self.n_layers) for h in HOOKS_PER_LAYER}
+        if self.attn_only:
+            valid -= {f"blocks.{l}.{h}" for l in range(self.n_layers) for h in ("hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")}
+        valid.add("hook_embed")
+        bad = [n for n in names if n not in valid]
+        if bad:
+            raise KeyError(
+                f"hook name(s) {bad} do not exist on this model ({self.n_layers} layers"
+                f"{', attention only' if self.attn_only else ''}); valid names look like "
+                "'blocks.3.attn.hook_z', 'blocks.3.hook_resid_pre', 'blocks.3.hook_mlp_out'"
+            )
+
+    @torch.inference_mode()
+    def run(
+        self,
+        tokens: Optional[Int[torch.Tensor, "batch pos"]] = None,
+        *,
+        embed: Optional[Float[torch.Tensor, "batch pos d_model"]] = None,
+        edits: Optional[dict[str, EditFn]] = None,
+        keep: Optional[Iterable[str]] = ("*",),
+    ) -> BaseRun:
+        """A full forward pass, caching activations (all by default) and keys/values.
+
+        Args:
+            tokens: Input tokens; or pass ``embed`` (the residual entering block 0) instead,
+                e.g. noised embeddings for causal tracing.
+            edits: ``{hook_name: fn(act, ctx) -> act}`` interventions.
+            keep: Hook names to cache (``"*"`` for all, ``None`` or ``()`` for none).
+
+        Returns:
+            A :class:`BaseRun` to resume from.
+        """
+        if (tokens is None) == (embed is None):
+            raise ValueError("pass exactly one of tokens or embed")
+        edits = dict(edits or {})
+        self.check_hook_names(edits)
+        keep_set = set(keep) if keep else set()
+        tok_embed = None
+        if tokens is not None:
+            if tokens.ndim != 2:
+                raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+            if tokens.shape[1] > self.cfg.n_ctx:
+                raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of {self.cfg.n_ctx}")
+            tokens = tokens.to(self.device)
+            tok_embed = self.W_E[tokens]
+            if "hook_embed" in edits:
+                tok_embed = edits.pop("hook_embed")(tok_embed, EditContext("hook_embed", -1, 0, torch.arange(tokens.shape[0])))
+            embed = tok_embed + self.W_pos[: tokens.shape[1]] if self.W_pos is not None else tok_embed
+        elif "hook_embed" in edits:
+            raise ValueError("a hook_embed edit needs tokens; edit the embed you pass instead")
+        N = embed.shape[0]
+        resid, kept, ks, vs = self._forward(embed, 0, 0, None, None, torch.arange(N), edits, keep_set)
+        logits = self.unembed(resid)
+        if keep_set and tok_embed is not None:
+            kept["hook_embed"] = tok_embed
+            kept["ln_final.hook_normalized"] = self._norm(resid, self.final_rms)
+        return BaseRun(tokens, logits, kept, ks, vs)
+
+    @torch.inference_mode()
+    def resume(
+        self,
+        base: BaseRun,
+        start_layer: int,
+        start_pos: int = 0,
+        *,
+        edits: Optional[dict[str, EditFn]] = None,
+        base_index: Optional[Int[torch.Tensor, "batch"]] = None,
+        last_only: bool = False,
+        resid: Optional[Float[torch.Tensor, "batch suffix d_model"]] = None,
+    ) -> torch.Tensor:
+        """Re-run from ``(start_layer, start_pos)`` of a base run with edits; exact.
+
+        Layers below ``start_layer`` and positions before ``start_pos`` are taken from ``base``:
+        exact when every edit acts at layer ``>= start_layer`` and position ``>= start_pos``.
+
+        Args:
+            base: The cached run to continue.
+            start_layer: First block to recompute.
+            start_pos: First position to recompute.
+            edits: ``{hook_name: fn(act, ctx) -> act}``; ``act`` covers positions
+                ``start_pos..`` only, with the batch of ``base_index``.
+            base_index: ``[batch]`` which base prompt each row continues (repeat prompts to
+                batch many interventions in one call). Default: ``arange(base.n_batch)``.
+            last_only: Return only the last position's logits ``[batch, vocab]`` (cheaper).
+            resid: The residual entering ``start_layer`` on the suffix, if not the base's.
+
+        Returns:
+            Logits ``[batch, pos, vocab]`` (prefix positions copied from the base) or
+            ``[batch, vocab]`` with ``last_only``.
+        """
+        if not 0 <= start_layer <= self.n_layers:
+            raise ValueError(f"start_layer must be in [0, {self.n_layers}], got {start_layer}")
+        if not 0 <= start_pos < base.n_pos:
+            raise ValueError(f"start_pos must be in [0, {base.n_pos}), got {start_pos}")
+        edits = dict(edits or {})
+        self.check_hook_names(edits)
+        if base_index is None:
+            base_index = torch.arange(base.n_batch)
+        if resid is None:
+            name = f"blocks.{start_layer}.hook_resid_pre" if start_layer < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
+            resid = base[name][base_index, start_pos:]
+        out, _, _, _ = self._forward(resid, start_layer, start_pos, base.keys, base.values, base_index, edits, None)
+        if last_only:
+            return self.unembed(out[:, -1])
+        logits = self.unembed(out)
+        if start_pos == 0:
+            return logits
+        return torch.cat([base.logits[base_index, :start_pos], logits], dim=1)
+
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weights_version(model) -> tuple[int, ...]:
+    # In-place updates (training, load_state_dict) bump a parameter's version counter.
+    return tuple(p._version for p in model.parameters())
+
+
+def get_engine(model) -> Optional[Engine]:
+    """The model's engine, or ``None`` if its architecture cannot be mirrored.
+
+    Built once per model and rebuilt when the model's weights change (training steps,
+    ``load_state_dict``), so a cached engine never computes with stale weights.
+    """
+    version = _weights_version(model)
+    hit = _ENGINES.get(model)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    try:
+        eng = Engine(model)
+    except UnsupportedModelError:
+        return None
+    _ENGINES[model] = (version, eng)
+    return eng
