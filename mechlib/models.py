@@ -30,7 +30,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -352,14 +351,23 @@ def _hub_cached(repo_id: str) -> bool:
 
 
 def _hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether the hub answers HTTP within ``timeout`` seconds (``HF_HUB_OFFLINE=1``: no probe).
+
+    A bare TCP connect is not enough: sandboxes and captive networks accept any connection and
+    then never answer, which left ``transformers`` to fail much later with a vaguer message.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:  # the server answered (e.g. 404): it is there
+        return True
+    except (OSError, ValueError):  # URLError, timeouts, TLS failures, a malformed endpoint
         return False
 
 
