@@ -77,12 +77,16 @@ class EditContext:
             run covers positions ``start_pos .. n_pos-1``; for ``hook_pattern`` this is the
             query axis, while the key axis always starts at 0).
         base_index: ``[batch]`` which base-run prompt each row of the batch continues.
+        rows: ``[batch]`` which rows of the call the activation's rows are, when only some rows
+            are computed at this layer (:meth:`Engine.resume_rows`, where rows start at
+            different layers); ``None`` when the activation holds every row in order.
     """
 
     hook: str
     layer: int
     start_pos: int
     base_index: torch.Tensor
+    rows: Optional[torch.Tensor] = None
 
 
 EditFn = Callable[[torch.Tensor, EditContext], Optional[torch.Tensor]]
@@ -331,6 +335,7 @@ class Engine:
         edits: dict[str, EditFn],
         keep: Optional[set[str]],
         stop_layer: Optional[int] = None,
+        rows: Optional[torch.Tensor] = None,
     ):
         """Run blocks ``start_layer..`` on positions ``start_pos..`` of ``resid``.
 
@@ -349,7 +354,7 @@ class Engine:
         def fire(name: str, act: torch.Tensor, layer: int) -> torch.Tensor:
             fn = edits.get(name)
             if fn is not None:
-                out = fn(act, EditContext(name, layer, start_pos, base_index))
+                out = fn(act, EditContext(name, layer, start_pos, base_index, rows))
                 if out is not None:
                     if out.shape != act.shape:
                         raise ValueError(f"edit at {name} returned shape {tuple(out.shape)}, expected {tuple(act.shape)}")
@@ -360,6 +365,12 @@ class Engine:
 
         needs = set(edits) | (keep or set())
         stop = self.n_layers if stop_layer is None else stop_layer
+        # Prefix keys/values belong to the base run's rows: gather them unless the rows are
+        # exactly the base's rows in order (a same-sized but permuted base_index must gather).
+        gather = start_pos > 0 and not (
+            prefix_keys[start_layer if start_layer < stop else 0].shape[0] == N
+            and torch.equal(base_index.cpu(), torch.arange(N))
+        )
         for l in range(start_layer, stop):
             p = f"blocks.{l}."
             resid = fire(p + "hook_resid_pre", resid, l)
@@ -377,7 +388,7 @@ class Engine:
                 q, k = self._rope(q, k, positions)
             if start_pos > 0:
                 pk, pv = prefix_keys[l], prefix_values[l]
-                if pk.shape[0] != N:
+                if gather:
                     pk, pv = pk[base_index], pv[base_index]
                 k = torch.cat([pk[:, :, :start_pos], k], dim=2)
                 v = torch.cat([pv[:, :, :start_pos], v], dim=2)
@@ -444,12 +455,33 @@ class Engine:
         Args:
             tokens: Input tokens; or pass ``embed`` (the residual entering block 0) instead,
                 e.g. noised embeddings for causal tracing.
+            embed: ``[batch, pos, d_model]`` residual entering block 0, instead of ``tokens``.
             edits: ``{hook_name: fn(act, ctx) -> act}`` interventions.
             keep: Hook names to cache (``"*"`` for all, ``None`` or ``()`` for none).
 
         Returns:
             A :class:`BaseRun` to resume from.
         """
+        return self._run(tokens, embed=embed, edits=edits, keep=keep)
+
+    def run_with_grad(self, tokens: Optional[Int[torch.Tensor, "batch pos"]] = None, **kwargs) -> BaseRun:
+        """:meth:`run` outside inference mode, so autograd can flow (attribution patching).
+
+        The weights never require grad; to get gradients with respect to an activation, let an
+        edit add a zero leaf tensor that requires grad (``act + leaf``) and backpropagate to it.
+        Takes the same arguments as :meth:`run`.
+        """
+        with torch.enable_grad():
+            return self._run(tokens, **kwargs)
+
+    def _run(
+        self,
+        tokens: Optional[Int[torch.Tensor, "batch pos"]] = None,
+        *,
+        embed: Optional[Float[torch.Tensor, "batch pos d_model"]] = None,
+        edits: Optional[dict[str, EditFn]] = None,
+        keep: Optional[Iterable[str]] = ("*",),
+    ) -> BaseRun:
         if (tokens is None) == (embed is None):
             raise ValueError("pass exactly one of tokens or embed")
         edits = dict(edits or {})
@@ -487,7 +519,8 @@ class Engine:
         base_index: Optional[Int[torch.Tensor, "batch"]] = None,
         last_only: bool = False,
         resid: Optional[Float[torch.Tensor, "batch suffix d_model"]] = None,
-    ) -> torch.Tensor:
+        stop_layer: Optional[int] = None,
+    ) -> Optional[torch.Tensor]:
         """Re-run from ``(start_layer, start_pos)`` of a base run with edits; exact.
 
         Layers below ``start_layer`` and positions before ``start_pos`` are taken from ``base``:
@@ -503,6 +536,8 @@ class Engine:
                 batch many interventions in one call). Default: ``arange(base.n_batch)``.
             last_only: Return only the last position's logits ``[batch, vocab]`` (cheaper).
             resid: The residual entering ``start_layer`` on the suffix, if not the base's.
+            stop_layer: Run blocks ``start_layer .. stop_layer - 1`` only and return ``None``
+                (for edits that record activations, e.g. path patching's second run).
 
         Returns:
             Logits ``[batch, pos, vocab]`` (prefix positions copied from the base) or
@@ -519,13 +554,91 @@ class Engine:
         if resid is None:
             name = f"blocks.{start_layer}.hook_resid_pre" if start_layer < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
             resid = base[name][base_index, start_pos:]
-        out, _, _, _ = self._forward(resid, start_layer, start_pos, base.keys, base.values, base_index, edits, None)
+        out, _, _, _ = self._forward(resid, start_layer, start_pos, base.keys, base.values, base_index, edits, None,
+                                     stop_layer=stop_layer)
+        if stop_layer is not None:
+            return None
         if last_only:
             return self.unembed(out[:, -1])
         logits = self.unembed(out)
         if start_pos == 0:
             return logits
         return torch.cat([base.logits[base_index, :start_pos], logits], dim=1)
+
+
+    @torch.inference_mode()
+    def resume_rows(
+        self,
+        base: BaseRun,
+        start_layers: Union[Int[torch.Tensor, "batch"], list[int]],
+        start_pos: int,
+        *,
+        resid: Float[torch.Tensor, "batch suffix d_model"],
+        edits: Optional[dict[str, EditFn]] = None,
+        base_index: Optional[Int[torch.Tensor, "batch"]] = None,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Like :meth:`resume`, but every row starts at its own layer; one call, exact.
+
+        Row ``i`` enters block ``start_layers[i]`` with ``resid[i]`` (its residual stream on
+        positions ``start_pos..``) and runs to the top; a row whose start layer is
+        ``n_layers`` is only unembedded. Rows are sorted by start layer, so at layer ``l`` the
+        rows computed are those with ``start_layers <= l``: each row costs only the layers it
+        needs, and all rows share one batched pass per layer. Edit functions receive only the
+        rows computed at that layer, with ``ctx.rows`` giving their indices in this call.
+
+        Args:
+            base: The cached run supplying the prefix keys/values (positions ``< start_pos``).
+            start_layers: ``[batch]`` first block each row recomputes, in ``[0, n_layers]``.
+            start_pos: First position recomputed (shared by all rows).
+            resid: ``[batch, n_pos - start_pos, d_model]`` the residual entering each row's
+                start layer on the suffix.
+            edits: ``{hook_name: fn(act, ctx)}``; see ``ctx.rows``.
+            base_index: ``[batch]`` which base prompt each row continues (default: row ``i``
+                continues base prompt ``i``).
+            last_only: Return the last position's logits ``[batch, vocab]`` (default), else the
+                suffix logits ``[batch, suffix, vocab]``.
+
+        Example:
+            >>> base = engine.run(tokens)                                   # doctest: +SKIP
+            >>> starts = torch.tensor([0, 1, 2])                            # doctest: +SKIP
+            >>> x = torch.stack([base[f"blocks.{l}.hook_resid_pre"][0, 2:] for l in (0, 1)]
+            ...                 + [base["blocks.1.hook_resid_post"][0, 2:]])  # doctest: +SKIP
+            >>> engine.resume_rows(base, starts, 2, resid=x,
+            ...                    base_index=torch.zeros(3, dtype=torch.long))  # doctest: +SKIP
+        """
+        starts = torch.as_tensor(start_layers, dtype=torch.long).cpu()
+        N = resid.shape[0]
+        if starts.shape != (N,):
+            raise ValueError(f"start_layers must have one entry per row of resid ({N}), got shape {tuple(starts.shape)}")
+        if N and (int(starts.min()) < 0 or int(starts.max()) > self.n_layers):
+            raise ValueError(f"start_layers must lie in [0, {self.n_layers}], got {starts.min().item()}..{starts.max().item()}")
+        if not 0 <= start_pos < base.n_pos:
+            raise ValueError(f"start_pos must be in [0, {base.n_pos}), got {start_pos}")
+        if resid.ndim != 3 or resid.shape[1] != base.n_pos - start_pos:
+            raise ValueError(
+                f"resid must be [batch, {base.n_pos - start_pos}, d_model] (positions {start_pos}.. of the base), "
+                f"got {tuple(resid.shape)}"
+            )
+        edits = dict(edits or {})
+        self.check_hook_names(edits)
+        if base_index is None:
+            base_index = torch.arange(N)
+        base_index = torch.as_tensor(base_index, dtype=torch.long).cpu()
+        order = torch.argsort(starts, stable=True)
+        sorted_starts = starts[order]
+        x = resid[order.to(resid.device)].clone()
+        bi = base_index[order]
+        first = int(sorted_starts[0]) if N else self.n_layers
+        for l in range(first, self.n_layers):
+            n = int((sorted_starts <= l).sum())
+            rows = order[:n]
+            out, _, _, _ = self._forward(x[:n], l, start_pos, base.keys, base.values, bi[:n], edits, None, stop_layer=l + 1, rows=rows)
+            x[:n] = out
+        logits = self.unembed(x[:, -1] if last_only else x)
+        result = torch.empty_like(logits)
+        result[order.to(logits.device)] = logits
+        return result
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
