@@ -508,7 +508,28 @@ def _trace_engine(
         x[:, 0] = post_clean[layer_of, t]
         return layer_of + 1, x
 
+    def window_rows(kind: str, t: int, lo: torch.Tensor, clean_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Block lo, the window's first, changes only token t (its keys and values come from the
+        # corrupted residual): apply it in closed form and start every row at lo + 1.
+        x = post_corr[lo, base_index, t:].clone()
+        if kind == "mlp":
+            x[:, 0] = mid_corr[lo, base_index, t] + clean_out[lo, t]
+        else:
+            mid = pre_corr[lo, base_index, t] + clean_out[lo, t]
+            if eng.attn_only:
+                x[:, 0] = mid
+            else:
+                for l in lo.unique().tolist():
+                    rows = lo == l
+                    x[rows, 0] = mid[rows] + eng.mlp(l, mid[rows])
+        return lo + 1, x
+
+    def top_layer(t: int) -> int:
+        # An edit in the top block at a token before the last cannot reach the last token's logits.
+        return nL if t == P - 1 else nL - 1
+
     restored: dict[str, torch.Tensor] = {}
+    mid_corr = _stack(corr, "hook_resid_mid", nL) if "mlp" in kinds else None
     for kind in kinds:
         out = torch.full((nL, P), corr_p)
         if kind != "resid":
@@ -521,22 +542,21 @@ def _trace_engine(
                 starts, x = resid_rows(t)
                 edits = no_edits
             else:
-                starts = lo
-                x = pre_corr[lo, base_index, t:].clone()
+                starts, x = window_rows(kind, t, lo, clean_out)
 
                 def edits(ids, t=t, hook=hook, clean_out=clean_out):
-                    lo_c, hi_c = lo[ids], hi[ids]
+                    hi_c = hi[ids]
 
                     def restore(l):
-                        def fn(act, ctx):
+                        def fn(act, ctx):  # rows computed at l start at lo + 1 <= l
                             rows = ctx.rows if ctx.rows is not None else torch.arange(act.shape[0])
-                            m = (lo_c[rows] <= l) & (hi_c[rows] > l)
-                            act[m.to(act.device), 0] = clean_out[l, t]
+                            act[(hi_c[rows] > l).to(act.device), 0] = clean_out[l, t]
                             return act
 
                         return fn
 
-                    return {f"blocks.{l}.{hook}": restore(l) for l in range(int(lo_c.min()), int(hi_c.max()))}
+                    layers = range(int(lo[ids].min()) + 1, min(int(hi_c.max()), top_layer(t)))
+                    return {f"blocks.{l}.{hook}": restore(l) for l in layers}
 
             logits = _run_rows(eng, corr, t, starts, x, base_index, edits, max_rows)
             out[:, t] = _prob(logits, target).view(nL, S).mean(dim=1).cpu()
@@ -560,7 +580,7 @@ def _trace_engine(
 
                 return fn
 
-            edits = lambda ids, v=variant: {f"blocks.{l}.{_HOOK[v]}": freeze(l) for l in range(nL)}  # noqa: E731
+            edits = lambda ids, v=variant: {f"blocks.{l}.{_HOOK[v]}": freeze(l) for l in range(top_layer(t))}  # noqa: E731
             starts, x = resid_rows(t)
             logits = _run_rows(eng, corr, t, starts, x, base_index, edits, max_rows)
             sev[variant] = _prob(logits, target).view(nL, S).mean(1).cpu()

@@ -121,6 +121,16 @@ class BaseRun:
         return self.acts[name]
 
 
+def _affine(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return x @ w if b is None else x @ w + b
+
+
+# Hooks of the top block that fire after its queries: when only the last position's logits are
+# wanted and none of these is edited, the top block computes them for the last position only.
+_AFTER_QUERY = ("attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
+                "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+
+
 def _act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     name = (name or "").lower()
     if name in ("silu", "swish"):
@@ -208,6 +218,13 @@ class Engine:
                         self.b_mlp_in.append(b_in[l])
                     self.W_mlp_out.append(W_out[l].contiguous())
                     self.b_mlp_out.append(b_out[l])
+            # zero biases (e.g. Llama-style models) are dropped: adding them costs time, not values
+            nz = lambda b: None if b is None or not bool(b.any()) else b  # noqa: E731
+            self.b_U = nz(self.b_U)
+            self.b_qkv = [nz(b) for b in self.b_qkv]
+            self.b_o = [nz(b) for b in self.b_o]
+            self.b_mlp_in = [nz(b) for b in self.b_mlp_in]
+            self.b_mlp_out = [nz(b) for b in self.b_mlp_out]
         self._rope = self._make_rope(model)
 
     @property
@@ -322,7 +339,20 @@ class Engine:
 
     def unembed(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... vocab"]:
         """Final norm and unembedding of a residual-stream tensor."""
-        return self._norm(resid, self.final_rms) @ self.W_U + self.b_U
+        return _affine(self._norm(resid, self.final_rms), self.W_U, self.b_U)
+
+    def mlp(self, layer: int, resid_mid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_model"]:
+        """Block ``layer``'s MLP output (``hook_mlp_out``) for a ``hook_resid_mid`` tensor."""
+        if self.attn_only:
+            raise ValueError("this model is attention-only: it has no MLPs")
+        x = self._norm(resid_mid, self.rms)
+        h = _affine(x, self.W_mlp_in[layer], self.b_mlp_in[layer])
+        if self.gated:
+            m = h.shape[-1] // 2
+            post = self.act(h[..., :m]) * h[..., m:]
+        else:
+            post = self.act(h)
+        return _affine(post, self.W_mlp_out[layer], self.b_mlp_out[layer])
 
     def _forward(
         self,
@@ -336,8 +366,14 @@ class Engine:
         keep: Optional[set[str]],
         stop_layer: Optional[int] = None,
         rows: Optional[torch.Tensor] = None,
+        last_at_top: bool = False,
     ):
         """Run blocks ``start_layer..`` on positions ``start_pos..`` of ``resid``.
+
+        With ``last_at_top`` the top block computes keys and values for every position but its
+        queries and everything after them for the last position only (the caller wants only
+        the last position's logits and edits none of the top block's hooks after its queries);
+        the returned residual then has that one position.
 
         Returns the final residual, the kept activations, and the new keys/values per layer.
         """
@@ -375,7 +411,7 @@ class Engine:
             p = f"blocks.{l}."
             resid = fire(p + "hook_resid_pre", resid, l)
             x = self._norm(resid, self.rms)
-            qkv = x @ self.W_qkv[l] + self.b_qkv[l]
+            qkv = _affine(x, self.W_qkv[l], self.b_qkv[l])
             q = qkv[..., : H * dh].view(N, S, H, dh)
             k = qkv[..., H * dh : (H + K) * dh].view(N, S, K, dh)
             v = qkv[..., (H + K) * dh :].view(N, S, K, dh)
@@ -394,22 +430,25 @@ class Engine:
                 v = torch.cat([pv[:, :, :start_pos], v], dim=2)
             new_k.append(k)
             new_v.append(v)
+            m_l = mask
+            if last_at_top and l == self.n_layers - 1 and resid.shape[1] > 1:
+                q, resid, m_l = q[:, :, -1:], resid[:, -1:], mask[-1:]
             if K != H:
                 k = k.repeat_interleave(H // K, dim=1)
                 v = v.repeat_interleave(H // K, dim=1)
             scores = (q @ k.transpose(-1, -2)) * self.scale
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~m_l, float("-inf"))
             pattern = scores.softmax(-1)
             pattern = fire(p + "attn.hook_pattern", pattern, l)
             z = (pattern @ v).transpose(1, 2)  # [N, S, head, dh]
             z = fire(p + "attn.hook_z", z, l)
-            attn_out = z.reshape(N, S, H * dh) @ self.W_o[l] + self.b_o[l]
+            attn_out = _affine(z.reshape(N, z.shape[1], H * dh), self.W_o[l], self.b_o[l])
             attn_out = fire(p + "hook_attn_out", attn_out, l)
             resid = resid + attn_out
             if not self.attn_only:
                 resid = fire(p + "hook_resid_mid", resid, l)
                 x = self._norm(resid, self.rms)
-                h = x @ self.W_mlp_in[l] + self.b_mlp_in[l]
+                h = _affine(x, self.W_mlp_in[l], self.b_mlp_in[l])
                 if self.gated:
                     m = h.shape[-1] // 2
                     gate, lin = h[..., :m], h[..., m:]
@@ -419,7 +458,7 @@ class Engine:
                     h = fire(p + "mlp.hook_pre", h, l)
                     post = self.act(h)
                 post = fire(p + "mlp.hook_post", post, l)
-                mlp_out = post @ self.W_mlp_out[l] + self.b_mlp_out[l]
+                mlp_out = _affine(post, self.W_mlp_out[l], self.b_mlp_out[l])
                 mlp_out = fire(p + "hook_mlp_out", mlp_out, l)
                 resid = resid + mlp_out
             resid = fire(p + "hook_resid_post", resid, l)
@@ -555,7 +594,7 @@ class Engine:
             name = f"blocks.{start_layer}.hook_resid_pre" if start_layer < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
             resid = base[name][base_index, start_pos:]
         out, _, _, _ = self._forward(resid, start_layer, start_pos, base.keys, base.values, base_index, edits, None,
-                                     stop_layer=stop_layer)
+                                     stop_layer=stop_layer, last_at_top=last_only and self._top_free(edits))
         if stop_layer is not None:
             return None
         if last_only:
@@ -630,15 +669,22 @@ class Engine:
         x = resid[order.to(resid.device)].clone()
         bi = base_index[order]
         first = int(sorted_starts[0]) if N else self.n_layers
+        trim = last_only and self._top_free(edits)
         for l in range(first, self.n_layers):
             n = int((sorted_starts <= l).sum())
             rows = order[:n]
-            out, _, _, _ = self._forward(x[:n], l, start_pos, base.keys, base.values, bi[:n], edits, None, stop_layer=l + 1, rows=rows)
-            x[:n] = out
-        logits = self.unembed(x[:, -1] if last_only else x)
-        result = torch.empty_like(logits)
-        result[order.to(logits.device)] = logits
-        return result
+            out, _, _, _ = self._forward(x[:n], l, start_pos, base.keys, base.values, bi[:n], edits, None, stop_layer=l + 1,
+                                         rows=rows, last_at_top=trim)
+            x[:n, x.shape[1] - out.shape[1]:] = out
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(N)
+        final = x[:, -1] if last_only else x
+        return self.unembed(final[inverse.to(final.device)])
+
+    def _top_free(self, edits: dict) -> bool:
+        """Whether no edit touches the top block after its queries (see ``last_at_top``)."""
+        top = f"blocks.{self.n_layers - 1}."
+        return not any(name == top + h for name in edits for h in _AFTER_QUERY)
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

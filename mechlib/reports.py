@@ -137,6 +137,18 @@ class FindingsRecord:
     def table(self) -> str:
         return render_table([{"notebook": self.notebook, "model": self.model, **asdict(f)} for f in self.findings])
 
+    def conclude(self, folder: Optional[Path] = None) -> Path:
+        """A notebook's last step: :meth:`save` the record, print its :meth:`table`, then
+        :meth:`assert_all` (so a finding that does not hold fails the run after it is saved).
+
+        Returns:
+            The path of the saved JSON.
+        """
+        path = self.save(folder)
+        print(self.table())
+        self.assert_all()
+        return path
+
     def assert_all(self) -> None:
         """Raise ``AssertionError`` listing every finding that does not hold."""
         if not self.findings:

@@ -314,13 +314,13 @@ record.add(
     holds=none_e > 0.1 and mlp_e < 0.7 * none_e and (none_e - attn_e) < 0.5 * (none_e - mlp_e),
     reference="GPT-2 XL: the MLP-severed effect collapses in early layers; attention-severed barely changes", source=src + " Fig. 3",
 )
-record.save()
-print(record.table())
-record.assert_all()
+record.conclude()
 """)
 
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 out = Path(__file__).resolve().parent.parent / "notebooks" / "03_factual_recall_causal_tracing.ipynb"
 out.parent.mkdir(exist_ok=True)
+for i, cell in enumerate(nb.cells):  # stable ids, so regenerating changes nothing by itself
+    cell.id = f"cell-{i:02d}"
 nbformat.write(nb, out)
 print(f"wrote {out}")

@@ -83,6 +83,23 @@ def test_batched_tracer_equals_naive_loop(fixture, request):
         assert torch.all(got.effect(kind).values[:, : span[0]] == 0)
 
 
+@pytest.mark.parametrize("arch", ["tiny-llama-2l", "tiny-attn-2l"])
+def test_batched_tracer_equals_naive_loop_on_a_deeper_model(arch):
+    """Windows that lie inside the model (their first block is applied in closed form)."""
+    from mechlib.models import _REGISTRY, random_model
+
+    model = random_model({**_REGISTRY[arch].config, "n_layers": 5}, seed=3)
+    tokens = torch.randint(0, model.cfg.d_vocab, (6,), generator=torch.Generator().manual_seed(8))
+    target = int(model(tokens[None])[0, -1].argmax())
+    kinds = ("mlp", "attn") if not model.cfg.attn_only else ("attn",)
+    got = trace_tokens(model, tokens, (1, 3), target, samples=2, noise=2.0, window=3, seed=1, kinds=kinds)
+    corrupted, expected = naive_trace(model, tokens, (1, 3), target, 2, 2.0, 3, 1, kinds)
+    for kind in kinds:
+        diff = (got.restored[kind].values - expected[kind]).abs().max().item()
+        assert (expected[kind] - corrupted).abs().max() > 1e-4, kind
+        assert diff < 1e-5, f"{kind}: batched and naive differ by {diff}"
+
+
 def test_severed_trace_equals_the_bridge_loop():
     from mechlib.models import random_model
 

@@ -98,3 +98,51 @@ def test_smollm2_logits_match_the_bridge(smollm2):
     expected = smollm2(tokens)
     base = Engine(smollm2).run(tokens, keep=())
     assert torch.allclose(base.logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", TINY)
+def test_last_only_runs_the_top_block_on_the_last_token_and_stays_exact(fixture, request, monkeypatch):
+    model = request.getfixturevalue(fixture)
+    engine = Engine(model)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(6))
+    base = engine.run(tokens)
+    top = model.cfg.n_layers - 1
+    edits = {"blocks.0.hook_attn_out": lambda a, c: a * 2.0, f"blocks.{top}.attn.hook_v": lambda a, c: a * 0.5}
+    trimmed = []
+    forward = engine._forward
+
+    def spy(*args, **kwargs):
+        trimmed.append(kwargs.get("last_at_top", False))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", spy)
+    full = engine.resume(base, 0, 4, edits=edits)
+    last = engine.resume(base, 0, 4, edits=edits, last_only=True)
+    assert trimmed == [False, True]
+    assert not torch.allclose(full[:, -1], base.logits[:, -1], atol=1e-3), "the edits must change the output"
+    assert torch.allclose(last, full[:, -1], atol=1e-5)
+    # Rows starting at different layers (one only unembedded) come back in their own order.
+    resid = torch.stack([base["blocks.0.hook_resid_pre"][0, 4:], base[f"blocks.{top}.hook_resid_post"][1, 4:]])
+    rows = engine.resume_rows(base, torch.tensor([0, top + 1]), 4, resid=resid, base_index=torch.tensor([0, 1]), edits=edits)
+    assert torch.allclose(rows[0], full[0, -1], atol=1e-5)
+    assert torch.allclose(rows[1], base.logits[1, -1], atol=1e-5)
+    # An edit after the top block's queries at an earlier token must not reach the last token:
+    # the engine computes that block in full for it (a trimmed block would edit the last token).
+    bump = {f"blocks.{top}.hook_attn_out": lambda a, c: torch.cat([a[:, :1] + 100.0, a[:, 1:]], dim=1)}
+    assert torch.allclose(engine.resume(base, top, 4, edits=bump, last_only=True), base.logits[:, -1], atol=1e-5)
+    assert trimmed[-1] is False
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt"])
+def test_mlp_helper_reproduces_the_mlp_output(fixture, request):
+    model = request.getfixturevalue(fixture)
+    engine = Engine(model)
+    base = engine.run(torch.randint(0, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(7)))
+    for l in range(model.cfg.n_layers):
+        got = engine.mlp(l, base[f"blocks.{l}.hook_resid_mid"])
+        assert torch.allclose(got, base[f"blocks.{l}.hook_mlp_out"], atol=1e-6)
+
+
+def test_mlp_helper_refuses_attention_only_models(tiny_attn):
+    with pytest.raises(ValueError, match="attention-only"):
+        Engine(tiny_attn).mlp(0, torch.zeros(1, 1, tiny_attn.cfg.d_model))

@@ -53,3 +53,12 @@ def test_profile_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("MECHLIB_PROFILE", "fast")
     with pytest.raises(ValueError, match="quick' or 'full"):
         profile()
+
+
+def test_conclude_saves_prints_then_fails_on_a_finding_that_does_not_hold(tmp_path, capsys):
+    assert _record("03_ok").conclude(tmp_path) == tmp_path / "03_ok.json"
+    assert "top-1 is Paris" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="1 finding"):
+        _record("03_bad", holds=False).conclude(tmp_path)
+    # saved before failing, so the report still shows the failure
+    assert json.loads((tmp_path / "03_bad.json").read_text())["findings"][0]["holds"] is False
