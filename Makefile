@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	MECHLIB_PROFILE=quick $(PY) -m pytest tests
+	MECHLIB_PROFILE=quick $(PY) -m pytest tests --durations=8
 
 unit: setup
 	MECHLIB_PROFILE=quick $(PY) -m pytest tests -m "not notebook"

@@ -24,7 +24,10 @@ Everything for one fact runs in a handful of batched engine calls (:mod:`mechlib
 per restored token, one call holds every (layer, noise sample) row, each row starting at the
 first layer it changes (:meth:`~mechlib.engine.Engine.resume_rows`) and only on the positions
 from the restored token on; restoring before the first subject token is skipped (clean and
-corrupted states are identical there, so the effect is exactly 0). Models the engine cannot
+corrupted states are identical there, so the effect is exactly 0). A window's first block changes
+only the restored token (its keys and values still come from the corrupted run), so it is applied
+in closed form and the row starts one block higher; and the top block runs its queries, MLP and
+the rest for the last token alone, since only the last token's logits are read. Models the engine cannot
 mirror fall back to ROME's plain loop, one bridge forward per cell (``method="bridge"``).
 
 Example:
