@@ -345,14 +345,26 @@ class Engine:
         """Block ``layer``'s MLP output (``hook_mlp_out``) for a ``hook_resid_mid`` tensor."""
         if self.attn_only:
             raise ValueError("this model is attention-only: it has no MLPs")
+        return self._mlp(layer, resid_mid)
+
+    def _mlp(self, l: int, resid_mid: torch.Tensor, fire: Optional[Callable[[str, torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
+        """Block ``l``'s MLP; ``fire(name, act, layer)`` runs its hook points (none by default)."""
+        p = f"blocks.{l}."
         x = self._norm(resid_mid, self.rms)
-        h = _affine(x, self.W_mlp_in[layer], self.b_mlp_in[layer])
+        h = _affine(x, self.W_mlp_in[l], self.b_mlp_in[l])
         if self.gated:
             m = h.shape[-1] // 2
-            post = self.act(h[..., :m]) * h[..., m:]
+            gate, lin = h[..., :m], h[..., m:]
+            if fire is not None:
+                gate = fire(p + "mlp.hook_pre", gate, l)
+            post = self.act(gate) * lin
         else:
+            if fire is not None:
+                h = fire(p + "mlp.hook_pre", h, l)
             post = self.act(h)
-        return _affine(post, self.W_mlp_out[layer], self.b_mlp_out[layer])
+        if fire is not None:
+            post = fire(p + "mlp.hook_post", post, l)
+        return _affine(post, self.W_mlp_out[l], self.b_mlp_out[l])
 
     def _forward(
         self,
@@ -447,19 +459,7 @@ class Engine:
             resid = resid + attn_out
             if not self.attn_only:
                 resid = fire(p + "hook_resid_mid", resid, l)
-                x = self._norm(resid, self.rms)
-                h = _affine(x, self.W_mlp_in[l], self.b_mlp_in[l])
-                if self.gated:
-                    m = h.shape[-1] // 2
-                    gate, lin = h[..., :m], h[..., m:]
-                    gate = fire(p + "mlp.hook_pre", gate, l)
-                    post = self.act(gate) * lin
-                else:
-                    h = fire(p + "mlp.hook_pre", h, l)
-                    post = self.act(h)
-                post = fire(p + "mlp.hook_post", post, l)
-                mlp_out = _affine(post, self.W_mlp_out[l], self.b_mlp_out[l])
-                mlp_out = fire(p + "hook_mlp_out", mlp_out, l)
+                mlp_out = fire(p + "hook_mlp_out", self._mlp(l, resid, fire), l)
                 resid = resid + mlp_out
             resid = fire(p + "hook_resid_post", resid, l)
         return resid, kept, new_k, new_v
@@ -684,7 +684,7 @@ class Engine:
     def _top_free(self, edits: dict) -> bool:
         """Whether no edit touches the top block after its queries (see ``last_at_top``)."""
         top = f"blocks.{self.n_layers - 1}."
-        return not any(name == top + h for name in edits for h in _AFTER_QUERY)
+        return {top + h for h in _AFTER_QUERY}.isdisjoint(edits)
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -144,19 +144,6 @@ class PatchResult(Grid):
     ``direction``, ``target``, ``normalised``.
     """
 
-    def top(self, k: int = 10, *, largest: bool = True, absolute: bool = False):
-        flat = self.values.flatten().float()
-        fill = float("-inf") if (largest or absolute) else float("inf")
-        key = flat.abs() if absolute else flat
-        key = torch.where(torch.isnan(flat), torch.full_like(key, fill), key)
-        k = min(k, int((~torch.isnan(flat)).sum()))
-        idx = torch.topk(key, k, largest=largest).indices
-        out = []
-        for i in idx.tolist():
-            coords = torch.unravel_index(torch.tensor(i), self.values.shape)
-            out.append(({d: int(c) for d, c in zip(self.dims, coords)}, float(flat[i])))
-        return out
-
     def label(self, **coords: int) -> str:
         if set(coords) == {"layer", "kv_head"}:
             return f"L{coords['layer']}KV{coords['kv_head']}"

@@ -113,10 +113,15 @@ class Grid:
         return " ".join(parts)
 
     def top(self, k: int = 10, *, largest: bool = True, absolute: bool = False) -> list[tuple[dict[str, int], float]]:
-        """The ``k`` largest (or smallest) entries as ``({axis: index}, value)`` pairs."""
+        """The ``k`` largest (or smallest) entries as ``({axis: index}, value)`` pairs.
+
+        NaN cells (e.g. those a sweep over a subset did not compute) are never returned.
+        """
         flat = self.values.flatten().float()
         key = flat.abs() if absolute else flat
-        k = min(k, flat.numel())
+        nan = torch.isnan(flat)
+        key = key.masked_fill(nan, float("-inf") if largest else float("inf"))
+        k = min(k, int((~nan).sum()))
         idx = torch.topk(key, k, largest=largest).indices
         out = []
         for i in idx.tolist():

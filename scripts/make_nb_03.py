@@ -1,13 +1,9 @@
 """Write notebooks/03_factual_recall_causal_tracing.ipynb (without outputs). Run: python scripts/make_nb_03.py"""
 
-from pathlib import Path
+from nbgen import Cells
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-cells = []
-md = lambda s: cells.append(new_markdown_cell(s.strip()))  # noqa: E731
-code = lambda s: cells.append(new_code_cell(s.strip()))  # noqa: E731
+cells = Cells()
+md, code = cells.md, cells.code
 
 md(r"""
 # 03 · Where facts are recalled: causal tracing (ROME)
@@ -317,10 +313,4 @@ record.add(
 record.conclude()
 """)
 
-nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-out = Path(__file__).resolve().parent.parent / "notebooks" / "03_factual_recall_causal_tracing.ipynb"
-out.parent.mkdir(exist_ok=True)
-for i, cell in enumerate(nb.cells):  # stable ids, so regenerating changes nothing by itself
-    cell.id = f"cell-{i:02d}"
-nbformat.write(nb, out)
-print(f"wrote {out}")
+cells.write("03_factual_recall_causal_tracing.ipynb")

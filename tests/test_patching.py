@@ -316,3 +316,15 @@ def test_evaluate_circuit(tiny_attn):
     assert whole.faithfulness == pytest.approx(1.0, abs=1e-5)
     part = evaluate_circuit(tiny_attn, clean, every[:2], metric, reference=corrupted, groups=[0, 0, 1, 1])
     assert part.per_prompt.shape == (4,) and abs(part.circuit_value - part.model_value) > 1e-4
+
+
+def test_grid_top_skips_nan_cells_in_every_order():
+    from mechlib.results import Grid
+
+    g = Grid(torch.tensor([[0.5, float("nan")], [-2.0, 0.1]]), ("layer", "head"))
+    assert [(c, round(v, 3)) for c, v in g.top(10)] == [({"layer": 0, "head": 0}, 0.5), ({"layer": 1, "head": 1}, 0.1),
+                                                         ({"layer": 1, "head": 0}, -2.0)]
+    assert [round(v, 3) for _, v in g.top(2, largest=False)] == [-2.0, 0.1]
+    assert [round(v, 3) for _, v in g.top(2, absolute=True)] == [-2.0, 0.5]
+    assert [round(v, 3) for _, v in g.top(2, absolute=True, largest=False)] == [0.1, 0.5]
+    assert g.top_labels(1) == ["L0H0"]
