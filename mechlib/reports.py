@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from mechlib.stats import Estimate
+
 __all__ = ["Finding", "FindingsRecord", "gather", "profile", "quick", "reports_dir", "render_table"]
 
 
@@ -81,6 +83,8 @@ class Finding:
         source: Where the reference comes from (paper, section).
         holds: Whether the measurement supports the claim.
         details: Anything else worth keeping (thresholds, parameters, per-item values).
+        interval: The measured value's :class:`~mechlib.stats.Estimate` as a dict (value, low,
+            high, n, confidence, method), where the claim rests on one.
     """
 
     claim: str
@@ -89,6 +93,7 @@ class Finding:
     source: str = ""
     holds: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    interval: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -115,6 +120,41 @@ class FindingsRecord:
         self.findings.append(finding)
         return finding
 
+    def check(
+        self,
+        claim: str,
+        estimate: Estimate,
+        *,
+        above: Optional[float] = None,
+        below: Optional[float] = None,
+        reference: Any = "",
+        source: str = "",
+        **details: Any,
+    ) -> Finding:
+        """Record a claim about an interval: it holds only where the *whole* interval clears
+        ``above`` (its low end is greater) and/or ``below`` (its high end is smaller).
+
+        Args:
+            claim: The statement, in words.
+            estimate: The measured :class:`~mechlib.stats.Estimate` (``mean_ci``, ``rate_ci``).
+            above: The claim is "the value exceeds this".
+            below: The claim is "the value is under this".
+
+        Example:
+            >>> from mechlib.stats import mean_ci                                   # doctest: +SKIP
+            >>> record.check("IO beats S on average", mean_ci(logit_diffs), above=0.0)  # doctest: +SKIP
+        """
+        if not isinstance(estimate, Estimate):
+            raise TypeError(f"estimate must be a mechlib.stats.Estimate (mean_ci, rate_ci), got {type(estimate).__name__}")
+        if above is None and below is None:
+            raise ValueError("check needs a threshold: pass above=, below= or both")
+        holds = (above is None or estimate.above(above)) and (below is None or estimate.below(below))
+        thresholds = {k: v for k, v in (("above", above), ("below", below)) if v is not None}
+        finding = Finding(claim, estimate.value, reference, source, bool(holds), {**thresholds, **details},
+                          estimate.to_dict())
+        self.findings.append(finding)
+        return finding
+
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(
             {
@@ -134,8 +174,9 @@ class FindingsRecord:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
-    def table(self) -> str:
-        return render_table([{"notebook": self.notebook, "model": self.model, **asdict(f)} for f in self.findings])
+    def table(self) -> "Table":
+        """The findings as a Markdown table (a ``str``); Jupyter renders it as a table."""
+        return Table(render_table([{"notebook": self.notebook, "model": self.model, **asdict(f)} for f in self.findings]))
 
     def conclude(self, folder: Optional[Path] = None) -> Path:
         """A notebook's last step: :meth:`save` the record, print its :meth:`table`, then
@@ -159,6 +200,13 @@ class FindingsRecord:
             raise AssertionError(f"{self.notebook} on {self.model}: {len(failed)} finding(s) do not hold:\n{lines}")
 
 
+class Table(str):
+    """A Markdown table that Jupyter displays rendered (``print`` still shows the text)."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -177,7 +225,11 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         ref = _fmt(r.get("reference", ""))
         if r.get("source"):
             ref = f"{ref} ({r['source']})" if ref else f"({r['source']})"
-        cells = [r["notebook"], r["model"], r["claim"], _fmt(r["measured"]), ref, "yes" if r["holds"] else "NO"]
+        measured = _fmt(r["measured"])
+        iv = r.get("interval")
+        if isinstance(iv, dict) and "low" in iv:
+            measured = f"{measured} [{_fmt(iv['low'])}, {_fmt(iv['high'])}] (n={iv.get('n')})"
+        cells = [r["notebook"], r["model"], r["claim"], measured, ref, "yes" if r["holds"] else "NO"]
         body.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
     return header + "\n".join(body) + "\n"
 

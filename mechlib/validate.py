@@ -1,0 +1,161 @@
+"""The one validation layer at mechlib's public boundary: every technique checks its inputs here.
+
+Each check either returns the input in canonical form (sorted unique ``int`` lists, a ``long``
+token tensor on the model's device) or raises ``TypeError`` / ``ValueError`` whose message names
+the argument and says how to fix it. Nothing is coerced silently: ``layers=[0.7]`` is an error,
+not layer 0; ``layers=1`` (a bare int) is an error, not ``[1]``; a ``str`` given where a list of
+strings is wanted is an error, not a list of letters.
+
+Example:
+    >>> from mechlib.models import load_model
+    >>> model = load_model("tiny-attn-2l")
+    >>> layer_list(model, [1, 0])
+    [0, 1]
+    >>> layer_list(model, [0.7])
+    Traceback (most recent call last):
+    ...
+    TypeError: layers must hold whole numbers (int), got 0.7 (float); pass layers=[0, 1]
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "whole",
+    "int_list",
+    "layer_list",
+    "head_list",
+    "position_list",
+    "token_tensor",
+    "token_pair",
+    "str_list",
+    "n_kv_heads",
+]
+
+
+def _is_int(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, torch.Tensor):
+        return x.ndim == 0 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return isinstance(x, numbers.Integral)
+
+
+def whole(value: Any, name: str, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """``value`` as an ``int``; ``TypeError`` for floats, bools and strings, ``ValueError`` out of range."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a whole number (int), got {value!r} ({type(value).__name__})")
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {v}")
+    return v
+
+
+def int_list(values: Any, name: str, *, n: int, what: str, example: str, allow_negative: bool = False) -> list[int]:
+    """Sorted unique ints in ``[0, n)`` (negative ones counted from the end if ``allow_negative``)."""
+    if isinstance(values, (str, bytes)) or _is_int(values) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list of ints, got {values!r} ({type(values).__name__}); pass {name}={example}")
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold whole numbers (int), got a {values.dtype} tensor; pass {name}={example}")
+        values = values.reshape(-1).tolist()
+    out = []
+    for v in values:
+        if not _is_int(v):
+            raise TypeError(f"{name} must hold whole numbers (int), got {v!r} ({type(v).__name__}); pass {name}={example}")
+        v = int(v)
+        if allow_negative and -n <= v < 0:
+            v += n
+        if not 0 <= v < n:
+            raise ValueError(f"{name}: {v} is out of range; this model has {what} 0..{n - 1}")
+        out.append(v)
+    if not out:
+        raise ValueError(f"{name} is empty: nothing to compute; pass None for all {what}, or e.g. {name}={example}")
+    return sorted(set(out))
+
+
+def layer_list(model: Any, layers: Any, name: str = "layers") -> list[int]:
+    """Every layer for ``None``; else sorted unique layer indices, checked against the model."""
+    n = int(model.cfg.n_layers)
+    if layers is None:
+        return list(range(n))
+    return int_list(layers, name, n=n, what="layers", example=f"[0, {n - 1}]")
+
+
+def n_kv_heads(model: Any) -> int:
+    """Key/value heads per layer (``n_heads`` on models without grouped-query attention)."""
+    return int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+
+
+def head_list(model: Any, heads: Any, *, kv: bool = False, name: str = "heads") -> list[int]:
+    """Every head for ``None``; else sorted unique head indices within one layer."""
+    n = n_kv_heads(model) if kv else int(model.cfg.n_heads)
+    if heads is None:
+        return list(range(n))
+    what = "key/value heads per layer" if kv else "heads per layer"
+    return int_list(heads, name, n=n, what=what, example="[0, 1]")
+
+
+def position_list(n_pos: int, positions: Any, name: str = "positions") -> list[int]:
+    """Every position for ``None``; else sorted unique positions (negative ones from the end)."""
+    if positions is None:
+        return list(range(n_pos))
+    return int_list(positions, name, n=n_pos, what="positions", example="[0, -1]", allow_negative=True)
+
+
+def token_tensor(tokens: Any, model: Any = None, name: str = "tokens") -> torch.Tensor:
+    """A ``[batch, pos]`` integer token tensor, checked against the model's vocabulary and context."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a [batch, pos] torch tensor of token ids, got {type(tokens).__name__}; "
+                        "use model.to_tokens(prompts)")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}; use model.to_tokens(prompts)")
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be [batch, pos], got shape {tuple(tokens.shape)}; "
+                         "a single prompt is tokens[None] or model.to_tokens(prompt)")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one prompt of one token")
+    if model is not None:
+        vocab = int(model.cfg.d_vocab)
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab}): min {lo}, max {hi}")
+        n_ctx = int(model.cfg.n_ctx)
+        if tokens.shape[1] > n_ctx:
+            raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's context of {n_ctx}")
+    return tokens.long()
+
+
+def token_pair(clean: Any, corrupted: Any, model: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and corrupted token tensors of one shape (patching pairs them row by row)."""
+    clean = token_tensor(clean, model, "clean")
+    corrupted = token_tensor(corrupted, model, "corrupted")
+    if clean.shape != corrupted.shape:
+        raise ValueError(
+            f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} differ in shape; "
+            "patching pairs them row by row and position by position, so build prompts of equal token length "
+            "(e.g. mechlib.ioi.make_ioi_dataset)"
+        )
+    return clean, corrupted
+
+
+def str_list(values: Any, name: str, *, min_len: int = 1) -> list[str]:
+    """A list of strings; a bare ``str`` is refused (it would be read as a list of letters)."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of strings, got the single string {values!r}; "
+                        f"pass {name}={values.split()!r} if you meant its words")
+    if not isinstance(values, Sequence) and not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}")
+    out = list(values)
+    bad = [v for v in out if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must hold strings only, got {bad[0]!r} ({type(bad[0]).__name__})")
+    if len(out) < min_len:
+        raise ValueError(f"{name} needs at least {min_len} entries, got {len(out)}")
+    return out
