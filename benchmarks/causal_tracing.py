@@ -4,9 +4,12 @@ Both trace all three kinds (residual state, MLP window, attention window) of eve
 cell with the same noise samples. The plain loop is ROME's: one bridge forward per cell with
 [clean row, noise samples] as the batch and the clean state copied into the corrupted rows
 (``trace_fact(..., method="bridge")``). Prints facts traced per second for each, their results'
-largest difference, and last the speed ratio.
+largest difference, the matrix-multiply FLOP rate mechlib's tracer achieves against a bare float32
+GEMM of the same shapes (``flops <achieved> peak <GEMM> (<percent>% of peak)``, see
+``benchmarks/flopmeter.py``; its FLOPs are counted in one extra, untimed run), and last the speed
+ratio.
 
-Usage: python benchmarks/causal_tracing.py [--facts 2] [--plain-facts 2] [--samples 10]
+Usage: python benchmarks/causal_tracing.py [--facts 2] [--plain-facts 2] [--samples 10] [--corrupt block0]
 
 By default both tracers trace the same two facts, so the ratio compares like with like; the plain
 loop takes roughly ten minutes on an idle 2-core machine (about 1,000 bridge forwards a fact).
@@ -16,6 +19,7 @@ import argparse
 import time
 
 import torch
+from flopmeter import FlopMeter
 
 import mechlib
 from mechlib.causal_tracing import trace_fact
@@ -30,6 +34,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--corrupt",
+        choices=("embed", "block0"),
+        default="embed",
+        help="noise on the token embeddings (ROME) or after block 0 (MLP 0 as part of the embedding)",
+    )
     args = ap.parse_args()
     threads = mechlib.set_threads()
     model = mechlib.load_model(args.model)
@@ -41,10 +51,12 @@ def main() -> None:
         by_rel.setdefault(f.relation, []).append(f)
     mixed = [f for group in zip(*by_rel.values()) for f in group]
     facts = mixed[: max(args.facts, args.plain_facts)]
-    scale = noise_scale(model, known)
-    kw = dict(samples=args.samples, window=args.window, seed=args.seed, noise=scale)
-    print(f"model {args.model}, {threads} threads; {args.samples} noise samples, noise std {scale.noise():.4f} "
-          f"(3 x {scale.std:.4f}, {scale.measured_on})")
+    scale = noise_scale(model, known, at=args.corrupt)
+    kw = dict(samples=args.samples, window=args.window, seed=args.seed, noise=scale, corrupt=args.corrupt)
+    print(
+        f"model {args.model}, {threads} threads; {args.samples} noise samples, noise std {scale.noise():.4f} "
+        f"(3 x {scale.std:.4f}, {scale.measured_on})"
+    )
     for f in facts:
         print(f"  fact: {f.prompt!r} -> {f.attribute!r}, {len(model.to_tokens(f.prompt)[0])} tokens")
 
@@ -53,17 +65,30 @@ def main() -> None:
     fast = [trace_fact(model, f, **kw) for f in facts[: args.facts]]
     t_fast = time.perf_counter() - t
     cells = sum(3 * model.cfg.n_layers * len(tr.str_tokens) for tr in fast)
-    print(f"mechlib: {len(fast)} facts in {t_fast:.1f} s = {len(fast) / t_fast:.4f} facts/s "
-          f"({cells * args.samples / t_fast:.0f} restored sequences/s)")
+    print(
+        f"mechlib: {len(fast)} facts in {t_fast:.1f} s = {len(fast) / t_fast:.4f} facts/s "
+        f"({cells * args.samples / t_fast:.0f} restored sequences/s)"
+    )
+
+    meter = FlopMeter()
+    with meter.count():
+        for f in facts[: args.facts]:
+            trace_fact(model, f, **kw)
+    print(f"mechlib executed {meter.summary()}")
 
     t = time.perf_counter()
     slow = [trace_fact(model, f, method="bridge", **kw) for f in facts[: args.plain_facts]]
     t_slow = time.perf_counter() - t
     n_calls = sum(3 * model.cfg.n_layers * len(tr.str_tokens) + 1 for tr in slow)
-    print(f"plain loop: {len(slow)} facts in {t_slow:.1f} s = {len(slow) / t_slow:.4f} facts/s "
-          f"({n_calls} bridge forwards, {t_slow / n_calls * 1000:.0f} ms each)")
-    diff = max((a.restored[k].values - b.restored[k].values).abs().max().item() for a, b in zip(fast, slow) for k in a.restored)
+    print(
+        f"plain loop: {len(slow)} facts in {t_slow:.1f} s = {len(slow) / t_slow:.4f} facts/s "
+        f"({n_calls} bridge forwards, {t_slow / n_calls * 1000:.0f} ms each)"
+    )
+    diff = max(
+        (a.restored[k].values - b.restored[k].values).abs().max().item() for a, b in zip(fast, slow) for k in a.restored
+    )
     print(f"largest difference between the two tracers' restored probabilities: {diff:.2e}")
+    print(meter.line(t_fast))
     print(f"ratio {(len(fast) / t_fast) / (len(slow) / t_slow):.1f}")
 
 

@@ -31,12 +31,17 @@ def main() -> None:
             f"{s['induction_head'] + ' ' + format(s['induction_score'], '.3f'):>18}",
             flush=True,
         )
-        print("      all final scores: previous-token layer 0 "
-              + ", ".join(f"{v:.2f}" for v in r.history[-1].scores["previous_token"][0].tolist())
-              + "; induction layer 1 " + ", ".join(f"{v:.2f}" for v in r.history[-1].scores["induction"][1].tolist()))
+        print(
+            "      all final scores: previous-token layer 0 "
+            + ", ".join(f"{v:.2f}" for v in r.history[-1].scores["previous_token"][0].tolist())
+            + "; induction layer 1 "
+            + ", ".join(f"{v:.2f}" for v in r.history[-1].scores["induction"][1].tolist())
+        )
         if at is not None:
-            print(f"      at the phase change (step {pc}): best prev-token {float(at['previous_token'].values[0].max()):.3f}, "
-                  f"best layer-1 induction {float(at['induction'].values[1].max()):.3f}")
+            print(
+                f"      at the phase change (step {pc}): best prev-token {float(at['previous_token'].values[0].max()):.3f}, "
+                f"best layer-1 induction {float(at['induction'].values[1].max()):.3f}"
+            )
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 

@@ -37,7 +37,9 @@ def main() -> None:
     print(lens.summary())
     labs = lens.logit.labels["layer"]
     for i, lab in enumerate(labs):
-        print(f"  {lab:>6}: logit diff {lens.logit_diff.values[i]:+.3f}  p(IO) {lens.prob.values[i]:.4f}  rank {lens.rank.values[i]:.1f}")
+        print(
+            f"  {lab:>6}: logit diff {lens.logit_diff.values[i]:+.3f}  p(IO) {lens.prob.values[i]:.4f}  rank {lens.rank.values[i]:.1f}"
+        )
     print(f"[logit lens {time.time() - t:.1f}s]")
 
 

@@ -2,7 +2,10 @@
 mechlib.patching against transformer_lens.patching on the same grid, same metric, same run.
 
 Prints the grid, both wall times, their ratio, and the largest absolute difference between the two
-results. The last line reads ``ratio <x> max_abs_diff <y>``.
+results; before the last line, the matrix-multiply FLOP rate mechlib's sweep achieves against a bare
+float32 GEMM of the same shapes (``flops <achieved> peak <GEMM> (<percent>% of peak)``, see
+``benchmarks/flopmeter.py``; FLOPs are counted in one extra, untimed run of the sweep). The last line
+reads ``ratio <x> max_abs_diff <y>``.
 
 TransformerLens runs one bridge forward per cell (prompts x layers x heads x positions cells
 would be 16,200 forwards for 4 prompts x 30 layers x 9 heads x 15 positions on SmolLM2, about an
@@ -20,6 +23,7 @@ import time
 
 import pandas as pd
 import torch
+from flopmeter import FlopMeter
 
 import mechlib
 from mechlib.ioi import make_ioi_dataset
@@ -51,30 +55,45 @@ def main() -> None:
     H = cfg.n_heads
     metric = ioi_metric(ds)  # IO - S logit diff at END (the last token), mean over prompts
     raw = lambda logits: metric(logits).mean()  # noqa: E731  the same metric as a plain scalar function
-    print(f"model {args.model}: {cfg.n_layers} layers x {H} heads; IOI prompts: {B} x {T} tokens (seed {args.seed}); "
-          f"torch threads {torch.get_num_threads()} (set MECHLIB_THREADS to change)")
-    print(f"grid: hook_z per head per position, layers {layers} ({len(layers)} of {cfg.n_layers}) x {H} heads x "
-          f"{T} positions = {len(layers) * H * T} cells x {B} prompts; metric: IO-S logit diff (raw), denoising")
+    print(
+        f"model {args.model}: {cfg.n_layers} layers x {H} heads; IOI prompts: {B} x {T} tokens (seed {args.seed}); "
+        f"torch threads {torch.get_num_threads()} (set MECHLIB_THREADS to change)"
+    )
+    print(
+        f"grid: hook_z per head per position, layers {layers} ({len(layers)} of {cfg.n_layers}) x {H} heads x "
+        f"{T} positions = {len(layers) * H * T} cells x {B} prompts; metric: IO-S logit diff (raw), denoising"
+    )
 
     t0 = time.perf_counter()
-    ours = patch(model, ds.tokens, ds.corrupted_tokens, metric, "head_out_by_pos", layers=layers,
-                 normalise=False, progress=False)
+    ours = patch(
+        model, ds.tokens, ds.corrupted_tokens, metric, "head_out_by_pos", layers=layers, normalise=False, progress=False
+    )
     t_ours = time.perf_counter() - t0
-    print(f"mechlib.patching.patch: {t_ours:.2f} s ({ours.meta['calls']} engine calls); "
-          f"clean {ours.meta['clean']:.3f}, corrupted {ours.meta['corrupted']:.3f}")
+    print(
+        f"mechlib.patching.patch: {t_ours:.2f} s ({ours.meta['calls']} engine calls); "
+        f"clean {ours.meta['clean']:.3f}, corrupted {ours.meta['corrupted']:.3f}"
+    )
 
     t0 = time.perf_counter()
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(ds.tokens)
-    index_df = pd.DataFrame([(l, p, h) for l in layers for p in range(T) for h in range(H)],
-                            columns=["layer", "pos", "head_index"])
+    index_df = pd.DataFrame(
+        [(l, p, h) for l in layers for p in range(T) for h in range(H)], columns=["layer", "pos", "head_index"]
+    )
     theirs_flat = tl_patching.generic_activation_patch(
-        model, ds.corrupted_tokens, clean_cache, raw,
-        patch_setter=tl_patching.layer_pos_head_vector_patch_setter, activation_name="z", index_df=index_df,
+        model,
+        ds.corrupted_tokens,
+        clean_cache,
+        raw,
+        patch_setter=tl_patching.layer_pos_head_vector_patch_setter,
+        activation_name="z",
+        index_df=index_df,
     )
     t_tl = time.perf_counter() - t0
-    print(f"transformer_lens.patching (generic_activation_patch, layer_pos_head_vector_patch_setter, "
-          f"same cells as get_act_patch_attn_head_out_by_pos): {t_tl:.2f} s ({len(index_df)} forwards)")
+    print(
+        f"transformer_lens.patching (generic_activation_patch, layer_pos_head_vector_patch_setter, "
+        f"same cells as get_act_patch_attn_head_out_by_pos): {t_tl:.2f} s ({len(index_df)} forwards)"
+    )
 
     theirs = torch.full_like(ours.values, float("nan"))
     for (l, p, h), v in zip(index_df.itertuples(index=False), theirs_flat.tolist()):
@@ -85,9 +104,27 @@ def main() -> None:
     effect = ours.values - ours.meta["corrupted"]  # how far each patch moves the corrupted run's logit diff
     best = torch.nan_to_num(effect, nan=0.0).flatten().abs().topk(5).indices
     cells = [torch.unravel_index(i, effect.shape) for i in best]
-    print("largest effects (mechlib, logit diff change):",
-          ", ".join(f"{ours.label(layer=int(l), head=int(h), pos=int(p))} {float(effect[l, h, p]):+.3f}" for l, h, p in cells))
+    print(
+        "largest effects (mechlib, logit diff change):",
+        ", ".join(
+            f"{ours.label(layer=int(l), head=int(h), pos=int(p))} {float(effect[l, h, p]):+.3f}" for l, h, p in cells
+        ),
+    )
     print(f"mechlib {t_ours:.2f} s, transformer_lens {t_tl:.2f} s")
+    meter = FlopMeter()
+    with meter.count():
+        patch(
+            model,
+            ds.tokens,
+            ds.corrupted_tokens,
+            metric,
+            "head_out_by_pos",
+            layers=layers,
+            normalise=False,
+            progress=False,
+        )
+    print(f"mechlib executed {meter.summary()}")
+    print(meter.line(t_ours))
     print(f"ratio {t_tl / t_ours:.1f} max_abs_diff {diff:.2e}")
 
 

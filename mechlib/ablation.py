@@ -37,12 +37,15 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from jaxtyping import Float, Int
 
-from mechlib.results import head_label, parse_head
+from mechlib.results import head_label
+from mechlib.validate import choice, head_specs, layer_list, str_list, token_tensor, whole
 
 __all__ = [
     "HeadSpec",
     "ablate_heads",
     "ablation_hooks",
+    "ablation_interventions",
+    "run_ablated",
     "head_means",
     "matched_random_heads",
     "normalize_heads",
@@ -69,21 +72,7 @@ def normalize_heads(model: Any, heads: Union[HeadSpec, Iterable[HeadSpec]]) -> l
     Raises:
         ValueError: An empty list, an unreadable label, or a layer / head index out of range.
     """
-    if isinstance(heads, str) or (isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, int) for x in heads)):
-        heads = [heads]
-    heads = list(heads)
-    if not heads:
-        raise ValueError("the head list is empty; give at least one head, e.g. ['L5H1'] or [(5, 1)]")
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    out = set()
-    for h in heads:
-        layer, head = parse_head(tuple(h) if isinstance(h, list) else h)
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"head {h!r}: layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
-        if not 0 <= head < n_heads:
-            raise ValueError(f"head {h!r}: head {head} is out of range; this model has heads 0..{n_heads - 1} per layer")
-        out.add((layer, head))
-    return sorted(out)
+    return sorted(head_specs(model, heads, "heads"))
 
 
 def _by_layer(heads: list[tuple[int, int]]) -> dict[int, list[int]]:
@@ -100,6 +89,7 @@ def head_means(
     *,
     per_position: bool = True,
     groups: Optional[Sequence[Any]] = None,
+    backend: Any = "auto",
 ) -> dict[int, Float[torch.Tensor, "..."]]:
     """Mean ``hook_z`` of every head over a reference batch, per layer (one forward pass).
 
@@ -113,17 +103,19 @@ def head_means(
             then taken within each group and every row gets its own group's mean:
             ``[batch, pos, head, d_head]`` (or ``[batch, 1, ...]``), aligned with ``reference``;
             pass it as ``means`` when ablating a batch with the same row order.
+        backend: Where the reference batch runs (:func:`mechlib.backends.get_backend`).
 
     Returns:
         ``{layer: tensor}`` broadcastable to ``hook_z``.
     """
-    reference = torch.as_tensor(reference)
-    if reference.ndim != 2:
-        raise ValueError(f"reference must be tokens [batch, pos], got shape {tuple(reference.shape)}")
-    layers = list(range(int(model.cfg.n_layers))) if layers is None else sorted(set(int(l) for l in layers))
+    reference = token_tensor(reference, model, "reference")
+    layers = layer_list(model, layers)
+    if not isinstance(per_position, bool):
+        raise TypeError(f"per_position must be True or False, got {per_position!r}")
     names = {z_hook_name(l) for l in layers}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(reference, names_filter=lambda n: n in names)
+    from mechlib.backends import get_backend
+
+    cache = get_backend(model, backend).cache({"reference": reference}, names).acts["reference"]
     dims = (0,) if per_position else (0, 1)
     out = {}
     for l in layers:
@@ -131,6 +123,8 @@ def head_means(
         if groups is None:
             out[l] = z.mean(dims, keepdim=True)
             continue
+        if isinstance(groups, str):
+            raise TypeError("groups must be one label per reference row (a list), got a single string")
         labels = list(groups)
         if len(labels) != z.shape[0]:
             raise ValueError(f"groups has {len(labels)} labels but the reference batch has {z.shape[0]} rows")
@@ -179,8 +173,9 @@ def ablation_hooks(
         ['blocks.0.attn.hook_z', 'blocks.1.attn.hook_z']
     """
     heads = normalize_heads(model, heads)
-    if method not in ("zero", "mean"):
-        raise ValueError(f"method must be 'zero' or 'mean', got {method!r}")
+    choice(method, "method", ("zero", "mean"))
+    if per_position is not None and not isinstance(per_position, bool):
+        raise TypeError(f"per_position must be True, False or None, got {per_position!r}")
     layer_heads = _by_layer(heads)
     if method == "zero":
         if reference is not None or means is not None:
@@ -190,6 +185,7 @@ def ablation_hooks(
         raise ValueError("method='mean' needs exactly one of reference= (tokens) or means= (tensor or {layer: tensor})")
     hooks = []
     if reference is not None:
+        reference = token_tensor(reference, model, "reference")
         if per_position is not False:
             pos_means = head_means(model, reference, layer_heads, per_position=True)
             pooled = {l: m.mean(1, keepdim=True) for l, m in pos_means.items()}
@@ -212,12 +208,16 @@ def ablation_hooks(
         else:
             m = torch.as_tensor(means)
         if m.ndim != 4 and m.ndim > 0:
-            raise ValueError(f"means for layer {l} must broadcast to [batch, pos, head, d_head]; got shape {tuple(m.shape)}")
+            raise ValueError(
+                f"means for layer {l} must broadcast to [batch, pos, head, d_head]; got shape {tuple(m.shape)}"
+            )
         hooks.append((z_hook_name(l), _replace_hook(hs, m, None)))
     return hooks
 
 
-def _replace_hook(heads: list[int], value: Optional[torch.Tensor], fallback: Optional[torch.Tensor], strict: bool = False):
+def _replace_hook(
+    heads: list[int], value: Optional[torch.Tensor], fallback: Optional[torch.Tensor], strict: bool = False
+):
     idx = torch.tensor(heads)
 
     def hook(z: torch.Tensor, hook: Any = None) -> torch.Tensor:
@@ -241,6 +241,99 @@ def _replace_hook(heads: list[int], value: Optional[torch.Tensor], fallback: Opt
         return z
 
     return hook
+
+
+def ablation_interventions(
+    model: Any,
+    heads: Union[HeadSpec, Iterable[HeadSpec]],
+    method: str = "zero",
+    *,
+    reference: Optional[Int[torch.Tensor, "batch pos"]] = None,
+    means: Optional[Union[torch.Tensor, dict[int, torch.Tensor]]] = None,
+    backend: Any = "auto",
+) -> list:
+    """Head ablation as :mod:`mechlib.interventions`: one ``Zero`` or ``Replace`` per head at ``hook_z``.
+
+    The same ablation as :func:`ablation_hooks`, as data any backend runs (:func:`run_ablated`,
+    :func:`mechlib.patching.evaluate_circuit`). ``"mean"`` takes ``reference`` tokens (per-position
+    means over the batch, computed on ``backend``) or ``means`` (one tensor broadcastable to
+    ``[batch, pos, head, d_head]``, or ``{layer: tensor}`` from :func:`head_means`).
+
+    Example:
+        >>> from mechlib.models import load_model
+        >>> m = load_model("tiny-attn-2l")
+        >>> [str(iv) for iv in ablation_interventions(m, ["L0H1", "L1H3"])]
+        ['Zero(L0.z[H1])', 'Zero(L1.z[H3])']
+    """
+    from mechlib.interventions import Intervention, Replace, Site, Zero
+
+    heads = normalize_heads(model, heads)
+    choice(method, "method", ("zero", "mean"))
+    layer_heads = _by_layer(heads)
+    if method == "zero":
+        if reference is not None or means is not None:
+            raise ValueError("reference/means only apply to method='mean'")
+        return [Intervention(Site("z", l, head=h), Zero()) for l, h in heads]
+    if (reference is None) == (means is None):
+        raise ValueError("method='mean' needs exactly one of reference= (tokens) or means= (tensor or {layer: tensor})")
+    if reference is not None:
+        means = head_means(model, reference, list(layer_heads), backend=backend)
+    n_heads = int(model.cfg.n_heads)
+    out = []
+    for l, hs in layer_heads.items():
+        if isinstance(means, dict):
+            if l not in means:
+                raise ValueError(f"means has no entry for layer {l}; it holds layers {sorted(means)}")
+            m = torch.as_tensor(means[l])
+        else:
+            m = torch.as_tensor(means)
+        while m.ndim < 4:
+            m = m[None]
+        if m.ndim != 4 or m.shape[2] not in (1, n_heads, len(hs)):
+            raise ValueError(
+                f"means for layer {l} must broadcast to [batch, pos, head, d_head] with {n_heads} heads, "
+                f"1, or one per ablated head ({len(hs)}); got shape {tuple(m.shape)}"
+            )
+        for j, h in enumerate(hs):
+            v = m[:, :, [j]] if (m.shape[2] == len(hs) and m.shape[2] != n_heads) else m
+            out.append(Intervention(Site("z", l, head=h), Replace(v.float())))
+    return out
+
+
+def run_ablated(
+    model: Any,
+    tokens: Int[torch.Tensor, "batch pos"],
+    heads: Union[HeadSpec, Iterable[HeadSpec]],
+    method: str = "zero",
+    *,
+    metric: Any = None,
+    reference: Optional[Int[torch.Tensor, "batch pos"]] = None,
+    means: Optional[Union[torch.Tensor, dict[int, torch.Tensor]]] = None,
+    backend: Any = "auto",
+) -> torch.Tensor:
+    """One forward pass of ``tokens`` with ``heads`` ablated, on any backend.
+
+    Returns:
+        Logits ``[batch, pos, vocab]``, or with ``metric`` its value per prompt ``[batch]``
+        (or a scalar, if the metric returns one).
+
+    Example:
+        >>> from mechlib.models import load_model
+        >>> m = load_model("tiny-attn-2l")
+        >>> run_ablated(m, torch.randint(0, 256, (2, 6)), ["L1H0"], backend="bridge").shape
+        torch.Size([2, 6, 256])
+    """
+    from mechlib.backends import get_backend
+    from mechlib.metrics import as_metric
+
+    tokens = token_tensor(tokens, model)
+    be = get_backend(model, backend)
+    ivs = ablation_interventions(model, heads, method, reference=reference, means=means, backend=be)
+    runs = be.cache({"tokens": tokens}, [])
+    if metric is None:
+        return be.run(runs, [ivs], base="tokens", score=lambda lg: lg, last_only=False).values[0]
+    m = as_metric(metric)
+    return be.run(runs, [ivs], base="tokens", score=m.evaluate, last_only=m.last_only).values[0]
 
 
 @contextlib.contextmanager
@@ -298,7 +391,8 @@ def path_ablation_hooks(
         >>> hooks = path_ablation_hooks(m, t, ["L0H1"], into="blocks.1.attn.hook_k")
         >>> logits = m.run_with_hooks(t, fwd_hooks=hooks)
     """
-    names = [into] if isinstance(into, str) else list(into)
+    tokens = token_tensor(tokens, model)
+    names = [into] if isinstance(into, str) else str_list(into, "into", min_len=0)
     if not names:
         raise ValueError("into is empty; name the activations to patch, e.g. 'blocks.1.attn.hook_k'")
     wanted = set(names)
@@ -312,7 +406,9 @@ def path_ablation_hooks(
     def patch(value: torch.Tensor):
         def hook(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
             if tuple(act.shape[:2]) != shape:
-                raise ValueError(f"path_ablation_hooks were built for tokens of shape {shape}; got {tuple(act.shape[:2])}")
+                raise ValueError(
+                    f"path_ablation_hooks were built for tokens of shape {shape}; got {tuple(act.shape[:2])}"
+                )
             return value.to(act.dtype)
 
         return hook
@@ -337,12 +433,14 @@ def matched_random_heads(
         1
     """
     chosen = normalize_heads(model, heads)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(whole(seed, "seed"))
     out = []
     for layer, hs in _by_layer(chosen).items():
         others = [h for h in range(int(model.cfg.n_heads)) if h not in hs]
         if len(others) < len(hs):
-            raise ValueError(f"layer {layer}: {len(hs)} heads chosen but only {len(others)} others to draw a control from")
+            raise ValueError(
+                f"layer {layer}: {len(hs)} heads chosen but only {len(others)} others to draw a control from"
+            )
         pick = torch.randperm(len(others), generator=gen)[: len(hs)].tolist()
         out += [(layer, others[i]) for i in pick]
     return sorted(out)

@@ -12,8 +12,9 @@ the metric is close to linear in the activation (head outputs) and poor where a 
 model far (the residual stream, MLP0). :func:`compare` measures how close it comes to
 :func:`mechlib.patching.patch` on the same grid (correlation, scatter plot).
 
-The gradient pass runs on the engine with autograd (:meth:`mechlib.engine.Engine.run_with_grad`),
-or on the bridge's hooks for models the engine cannot mirror. Targets and directions are those of
+The gradient pass runs on a backend (:meth:`mechlib.backends.Backend.gradients`: the engine with
+autograd, or the bridge's hooks, where ``resid_mid`` is a true intervention point as in patching;
+``backend=`` as in :func:`mechlib.patching.patch`). Per-prompt estimates give error bars. Targets and directions are those of
 :mod:`mechlib.patching`, and the results are on the same scale (raw metric, or normalised so that
 0 is the corrupted run and 1 the clean run), so the two grids compare cell by cell.
 
@@ -32,50 +33,29 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from jaxtyping import Int
 
+from mechlib import validate
+from mechlib.backends import Backend, Runs, backend_arg, get_backend
+from mechlib.interventions import Intervention, Record, Site
 from mechlib.metrics import Metric, as_metric
-from mechlib.patching import (
-    PatchResult,
-    Runner,
-    Target,
-    _pos_labels,
-    _scale,
-    _target,
-    _device,
-    check_layers,
-    check_pair,
-)
+from mechlib.patching import PatchResult, Target, _pos_labels, _scale, _target
 
 __all__ = ["attribution_patch", "compare", "AttributionComparison"]
 
 
-def _grad_run(runner: Runner, tokens: torch.Tensor, hooks: list[str], metric: Metric):
-    """Forward with a zero leaf added at every hook, backward of the batch-mean metric.
+def _differentiable(metric: Metric):
+    """``logits -> batch-mean metric``, refusing metrics with no gradient in the logits."""
 
-    Returns ``(logits, activations, gradients)`` with activations and gradients per hook.
-    """
-    leaves: dict[str, torch.Tensor] = {}
-    acts: dict[str, torch.Tensor] = {}
-
-    def add_leaf(act: torch.Tensor, ctx: Any = None, name: Optional[str] = None) -> torch.Tensor:
-        key = name if name is not None else ctx.hook
-        acts[key] = act.detach().clone()
-        leaf = torch.zeros_like(act, requires_grad=True)
-        leaves[key] = leaf
-        return act + leaf
-
-    if runner.engine is not None:
-        run = runner.engine.run_with_grad(tokens, edits={h: add_leaf for h in hooks}, keep=())
-        logits = run.logits
-    else:
-        with torch.enable_grad():
-            logits = runner.model.run_with_hooks(
-                tokens, fwd_hooks=[(h, lambda a, hook, h=h: add_leaf(a, name=h)) for h in hooks]
-            )
-    with torch.enable_grad():
+    def scalar(logits: torch.Tensor) -> torch.Tensor:
         value = metric.scalar(logits)
-        value.backward()
-    grads = {h: (leaves[h].grad if leaves[h].grad is not None else torch.zeros_like(leaves[h])) for h in hooks}
-    return logits.detach(), acts, grads
+        if not value.requires_grad:
+            raise ValueError(
+                f"metric {metric.name!r} is not differentiable in the logits (its value has no gradient: a "
+                "comparison, argmax, .detach() or a rounding cut it off); attribution patching needs a smooth metric "
+                "such as a logit difference or a probability. Use mechlib.patching.patch for hard metrics"
+            )
+        return value
+
+    return scalar
 
 
 def attribution_patch(
@@ -89,56 +69,62 @@ def attribution_patch(
     layers: Optional[Sequence[int]] = None,
     normalise: bool = True,
     pos_labels: Optional[Sequence[str]] = None,
-    use_engine: bool = True,
+    backend: Union[str, Backend] = "auto",
+    use_engine: Optional[bool] = None,
 ) -> PatchResult:
     """Estimate a :func:`mechlib.patching.patch` grid from two forwards and one backward.
 
     Args:
         model, clean, corrupted, metric, target, direction, layers, normalise, pos_labels,
-            use_engine: As in :func:`mechlib.patching.patch`. The metric is averaged over the
-            batch before the backward pass, as the exact sweep averages it.
+            backend, use_engine: As in :func:`mechlib.patching.patch` (the forward and backward run
+            on the backend; ``"engine"`` and ``"bridge"`` compute gradients). The metric is
+            averaged over the batch before the backward pass, as the exact sweep averages it.
 
     Returns:
         A :class:`~mechlib.patching.PatchResult` with the estimated metric after each patch
-        (``meta["method"] == "attribution"``).
+        (``meta["method"] == "attribution"``), and per prompt (``per_prompt``; prompts are
+        independent, so prompt ``i``'s estimate is its own metric plus ``B`` times its share of
+        the batch-mean gradient product).
     """
-    check_pair(clean, corrupted)
+    clean, corrupted = validate.token_pair(clean, corrupted, model)
     t = _target(target, model)
     metric = as_metric(metric)
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    layers_ = check_layers(model, layers)
-    runner = Runner(model, use_engine)
+    validate.choice(direction, "direction", ("denoise", "noise"))
+    layers_ = validate.layer_list(model, layers)
+    for flag, value in (("normalise", normalise),):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    be = get_backend(model, backend_arg(backend, use_engine, "attribution_patch"))
     hooks = [t.hook_name(l) for l in layers_]
-    runner.check_hooks(hooks)
-    dev = _device(model)
-    clean, corrupted = clean.to(dev), corrupted.to(dev)
+    be.check([[Intervention(Site(t.point, l), Record("a")) for l in layers_]])
+    base_name, src_name = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
     base_tokens, src_tokens = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    src = runner.cache(src_tokens, hooks)
-    base_logits, base_acts, grads = _grad_run(runner, base_tokens, hooks, metric)
-    base_value = float(metric.scalar(base_logits))
+    src = be.cache({src_name: src_tokens}, hooks)
+    base_logits, base_acts, grads = be.gradients(base_tokens, hooks, _differentiable(metric))
     # Clean and corrupted scores for the scale: the two runs above are one of each.
-    from mechlib.patching import Cached
-
-    base_c = Cached(base_tokens, base_logits, {})
-    cl, co = (src, base_c) if direction == "denoise" else (base_c, src)
-    vc, vk, offset, span = _scale(metric, cl, co, normalise)
+    both = Runs(dict(src.tokens, **{base_name: base_tokens}), dict(src.logits, **{base_name: base_logits}), {})
+    vc, vk, offset, span = _scale(metric, both, normalise)
+    base_per = metric.evaluate(base_logits[:, -1:] if metric.last_only else base_logits).detach().float().cpu()
 
     B, T = clean.shape
-    n_heads = (int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads) if t.kv else model.cfg.n_heads)
+    n_heads = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads) if t.kv else model.cfg.n_heads
     shape = [model.cfg.n_layers] + ([n_heads] if t.has_head else []) + ([T] if t.by_pos else [])
     values = torch.full(shape, float("nan"))
+    per_prompt = torch.full([B] + shape, float("nan")) if base_per.ndim == 1 else None
     for l, h in zip(layers_, hooks):
-        prod = ((src[h].float() - base_acts[h].float()) * grads[h].float()).detach().cpu()
-        if t.kind == "resid":  # [B, T, d] -> [T]
-            est = prod.sum(-1).sum(0)
-        elif t.kind == "head":  # [B, T, H, dh] -> [H, T] or [H]
-            est = prod.sum(-1).sum(0).T
+        prod = ((src[src_name][h].float() - base_acts[h].float()) * grads[h].float()).detach().cpu()
+        if t.kind == "resid":  # [B, T, d] -> [B, T]
+            est = prod.sum(-1)
+        elif t.kind == "head":  # [B, T, H, dh] -> [B, H, T] or [B, H]
+            est = prod.sum(-1).transpose(1, 2)
             est = est if t.by_pos else est.sum(-1)
-        else:  # pattern [B, H, Tq, Tk] -> [H, Tq] or [H]
-            est = prod.sum(-1).sum(0)
+        else:  # pattern [B, H, Tq, Tk] -> [B, H, Tq] or [B, H]
+            est = prod.sum(-1)
             est = est if t.by_pos else est.sum(-1)
-        values[l] = (base_value + est - offset) / span
+        values[l] = (float(base_per.mean()) + est.sum(0) - offset) / span
+        if per_prompt is not None:
+            extra = (1,) * (est.ndim - 1)
+            per_prompt[:, l] = (base_per.reshape(B, *extra) + B * est - offset) / span
 
     what = {"denoise": "clean -> corrupted", "noise": "corrupted -> clean"}[direction]
     return PatchResult(
@@ -147,8 +133,17 @@ def attribution_patch(
         {"pos": _pos_labels(model, clean, pos_labels)} if t.by_pos else {},
         title=f"attribution patching {t.name} ({what})",
         metric=("normalised " if normalise else "") + metric.name,
-        meta={"clean": vc, "corrupted": vk, "direction": direction, "target": t.name, "normalised": normalise,
-              "method": "attribution", "n_prompts": B},
+        meta={
+            "clean": vc,
+            "corrupted": vk,
+            "direction": direction,
+            "target": t.name,
+            "normalised": normalise,
+            "method": "attribution",
+            "n_prompts": B,
+            "backend": be.name,
+        },
+        per_prompt=per_prompt,
     )
 
 
@@ -172,8 +167,10 @@ class AttributionComparison:
     exact: PatchResult
 
     def __repr__(self) -> str:
-        return (f"AttributionComparison({self.attribution.meta.get('target')}: r={self.correlation:.3f} over "
-                f"{self.n} cells, slope {self.slope:.2f}, max |error| {self.max_abs_error:.3g})")
+        return (
+            f"AttributionComparison({self.attribution.meta.get('target')}: r={self.correlation:.3f} over "
+            f"{self.n} cells, slope {self.slope:.2f}, max |error| {self.max_abs_error:.3g})"
+        )
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, e = self.attribution.values.flatten(), self.exact.values.flatten()
@@ -205,11 +202,30 @@ def compare(attribution: PatchResult, exact: PatchResult) -> AttributionComparis
     Raises:
         ValueError: The grids have different axes or shapes, or fewer than 2 common cells.
     """
+    for name, g in (("attribution", attribution), ("exact", exact)):
+        if not isinstance(g, PatchResult):
+            raise TypeError(f"{name} must be a PatchResult (from attribution_patch / patch), got {type(g).__name__}")
     if attribution.dims != exact.dims or attribution.values.shape != exact.values.shape:
         raise ValueError(
             f"grids differ: attribution {attribution.dims} {tuple(attribution.values.shape)} vs exact "
             f"{exact.dims} {tuple(exact.values.shape)}; run both on the same target, layers and prompts"
         )
+    # Same shape is not enough: a noising grid against a denoising one (or raw against normalised
+    # values, or other prompts) gives a correlation that means nothing.
+    am, em = attribution.meta, exact.meta
+    for key, what in (("direction", "direction"), ("target", "target"), ("normalised", "normalisation")):
+        if am.get(key) != em.get(key):
+            raise ValueError(
+                f"grids differ in {what}: attribution {key}={am.get(key)!r}, exact {key}={em.get(key)!r}; "
+                f"run both with the same {key}"
+            )
+    for key in ("clean", "corrupted"):
+        a_v, e_v = am.get(key), em.get(key)
+        if a_v is not None and e_v is not None and abs(a_v - e_v) > 1e-3 * max(1.0, abs(a_v), abs(e_v)):
+            raise ValueError(
+                f"grids come from different runs: the {key} metric is {a_v:.6g} for the attribution grid and {e_v:.6g} "
+                "for the exact one; run both on the same prompts, metric and model"
+            )
     a, e = attribution.values.flatten().double(), exact.values.flatten().double()
     keep = ~(torch.isnan(a) | torch.isnan(e))
     a, e = a[keep], e[keep]

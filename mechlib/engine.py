@@ -15,9 +15,11 @@ The mirror computes with the bridge's own processed weights (``W_Q``, ``W_K``, .
 ``enable_compatibility_mode()``), fires interventions at the bridge's hook names
 (``blocks.{l}.attn.hook_z``, ``blocks.{l}.hook_resid_pre``, ...) with the same shapes, and matches
 the bridge's activations and logits to float32 rounding (``tests/test_engine.py`` checks every
-hook on three architectures). Supported: LayerNorm or RMSNorm (folded), learned or rotary
-positions, grouped-query attention, gated or plain MLPs, attention-only models. Anything else
-raises :class:`UnsupportedModelError`, and callers fall back to the bridge's hooks.
+hook on four architectures). Supported: LayerNorm or RMSNorm (folded), learned or rotary
+positions, grouped-query attention, gated or plain MLPs, attention-only models, and Gemma 3's
+additions (scaled embeddings, query/key RMSNorms, post-attention and post-MLP RMSNorms,
+sliding-window and global layers with their own rotary bases). Anything else raises
+:class:`UnsupportedModelError`, and callers fall back to the bridge's hooks.
 
 Example:
     >>> from mechlib.models import load_model
@@ -34,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -127,8 +130,16 @@ def _affine(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
 
 # Hooks of the top block that fire after its queries: when only the last position's logits are
 # wanted and none of these is edited, the top block computes them for the last position only.
-_AFTER_QUERY = ("attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
-                "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+_AFTER_QUERY = (
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
 
 
 def _act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -181,6 +192,7 @@ class Engine:
         self.scale = 1.0 / math.sqrt(self.d_head) if cfg.use_attn_scale else 1.0
         if cfg.use_attn_scale and getattr(cfg, "attn_scale", -1.0) not in (-1.0, None):
             self.scale = 1.0 / float(cfg.attn_scale)
+        self._setup_gemma(model)
 
         with torch.no_grad():
             self.W_E = model.W_E.detach()
@@ -195,8 +207,14 @@ class Engine:
             bO = self._opt(lambda: model.b_O, (self.n_layers, d))
             self.W_qkv, self.b_qkv, self.W_o, self.b_o = [], [], [], []
             for l in range(self.n_layers):
-                w = torch.cat([WQ[l].permute(1, 0, 2).reshape(d, H * dh), WK[l].permute(1, 0, 2).reshape(d, K * dh),
-                               WV[l].permute(1, 0, 2).reshape(d, K * dh)], dim=1)
+                w = torch.cat(
+                    [
+                        WQ[l].permute(1, 0, 2).reshape(d, H * dh),
+                        WK[l].permute(1, 0, 2).reshape(d, K * dh),
+                        WV[l].permute(1, 0, 2).reshape(d, K * dh),
+                    ],
+                    dim=1,
+                )
                 self.W_qkv.append(w.contiguous())
                 self.b_qkv.append(torch.cat([bQ[l].reshape(-1), bK[l].reshape(-1), bV[l].reshape(-1)]))
                 self.W_o.append(WO[l].reshape(H * dh, d).contiguous())
@@ -228,6 +246,25 @@ class Engine:
         self._rope = self._make_rope(model)
 
     @property
+    def extras(self) -> tuple[str, ...]:
+        """The Gemma-3-style parts this model uses beyond a Llama/GPT-2 block, e.g.
+        ``("embed_scale", "qk_norm", "post_norms", "sliding_window", "attn_scale")``; ``()`` for
+        Llama- and GPT-2-style models. Code that re-derives the forward pass from the engine's
+        weights must handle these or refuse the model."""
+        parts = []
+        if self.embed_scale is not None:
+            parts.append("embed_scale")
+        if self.qk_norm:
+            parts.append("qk_norm")
+        if self.post_norms:
+            parts.append("post_norms")
+        if any(w is not None for w in self.layer_window):
+            parts.append("sliding_window")
+        if any(sc != self.scale for sc in self.layer_scale):
+            parts.append("attn_scale")
+        return tuple(parts)
+
+    @property
     def model(self):
         """The bridge this engine mirrors (held weakly, so engines never keep models alive)."""
         return self._model_ref()
@@ -242,6 +279,47 @@ class Engine:
         if t is None:
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
         return t.detach()
+
+    def _setup_gemma(self, model) -> None:
+        """Gemma 3's additions to a Llama-style block, read from the bridge's modules.
+
+        Sets ``embed_scale`` (the embedding's ``sqrt(d_model)`` factor, or ``None``),
+        ``q_norm_w``/``k_norm_w`` and ``post_attn_w``/``post_mlp_w`` (per-layer RMSNorm weights
+        as the bridge applies them: ``1 + w`` for offset norms; empty lists when absent),
+        ``layer_scale`` (per-layer attention scale), ``layer_window`` (per-layer sliding window or
+        ``None``) and ``layer_types`` (per-layer rotary variant, or ``None``).
+        """
+        cfg = self.cfg
+        offset = bool(getattr(cfg, "rmsnorm_uses_offset", False))
+        hf_config = getattr(getattr(model, "original_model", None), "config", None)
+
+        def norm_weight(bridge) -> torch.Tensor:
+            w = bridge.original_component.weight.detach()
+            return 1.0 + w if offset else w
+
+        self.embed_scale = None
+        embed = getattr(getattr(model, "embed", None), "original_component", None)
+        if getattr(embed, "embed_scale", None) is not None:
+            self.embed_scale = embed.embed_scale.to(self.dtype if hasattr(self, "dtype") else model.W_E.dtype)
+        blocks = list(model.blocks)
+        attn0 = blocks[0].attn
+        self.qk_norm = hasattr(attn0, "q_norm")
+        self.q_norm_w = [norm_weight(b.attn.q_norm) for b in blocks] if self.qk_norm else []
+        self.k_norm_w = [norm_weight(b.attn.k_norm) for b in blocks] if self.qk_norm else []
+        self.post_norms = hasattr(blocks[0], "ln1_post")
+        self.post_attn_w = [norm_weight(b.ln1_post) for b in blocks] if self.post_norms else []
+        self.post_mlp_w = [norm_weight(b.ln2_post) for b in blocks] if self.post_norms and not self.attn_only else []
+        layer_types = getattr(hf_config, "layer_types", None)
+        self.layer_types = list(layer_types) if layer_types else None
+        window = getattr(hf_config, "sliding_window", None)
+        self.layer_window = [
+            window if self.layer_types and self.layer_types[l] == "sliding_attention" else None
+            for l in range(self.n_layers)
+        ]
+        self.layer_scale = [self.scale] * self.n_layers
+        if self.qk_norm or self.post_norms or self.embed_scale is not None:  # Gemma: HF's own scale
+            hf_scales = [getattr(getattr(b.attn, "original_component", None), "scaling", None) for b in blocks]
+            self.layer_scale = [self.scale if sc is None else float(sc) for sc in hf_scales]
 
     @staticmethod
     def _check_supported(model) -> None:
@@ -264,8 +342,6 @@ class Engine:
             problems.append("local attention")
         if getattr(cfg, "use_normalization_before_and_after", False) or getattr(cfg, "post_embedding_ln", False):
             problems.append("extra normalisation layers")
-        if getattr(cfg, "use_qk_norm", False):
-            problems.append("query/key normalisation")
         if getattr(cfg, "scale_embedding", None):
             problems.append("scaled embeddings")
         if getattr(cfg, "attention_dir", "causal") != "causal":
@@ -274,11 +350,54 @@ class Engine:
             problems.append(f"positional embedding {cfg.positional_embedding_type!r}")
         if getattr(cfg, "num_experts", None):
             problems.append("mixture of experts")
+        problems += Engine._unmirrored_parts(model)
         if problems:
             raise UnsupportedModelError(
                 f"{cfg.model_name}: the engine does not mirror {', '.join(problems)}; "
                 "use the bridge's hooks (mechlib falls back to them automatically)"
             )
+
+    @staticmethod
+    def _unmirrored_parts(model) -> list[str]:
+        """Parts of the bridge's modules the mirror does not reproduce (Gemma-era additions)."""
+        problems = []
+        blocks = list(model.blocks)
+        block0, attn0 = blocks[0], blocks[0].attn
+        hf_attn = getattr(attn0, "original_component", None)
+        hf_config = getattr(getattr(model, "original_model", None), "config", None)
+        if getattr(model.cfg, "use_qk_norm", False) and not hasattr(attn0, "q_norm"):
+            problems.append("query/key normalisation")
+        if hasattr(attn0, "q_norm") != hasattr(attn0, "k_norm"):
+            problems.append("a query norm without a key norm")
+        if hasattr(attn0, "q_norm"):
+            w = attn0.q_norm.original_component.weight
+            if (
+                w.ndim != 1
+                or getattr(attn0, "_qk_norm_phase", "post_reshape") != "post_reshape"
+                or getattr(model.cfg, "qk_norm_after_rope", False)
+            ):
+                problems.append("query/key norms other than per-head RMSNorm before rotary")
+        if hasattr(block0, "ln1_post") != hasattr(block0, "ln2_post") and not model.cfg.attn_only:
+            problems.append("a post-attention norm without a post-MLP norm")
+        for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(hf_config, attr, None) not in (None, 0, 0.0):
+                problems.append(attr.replace("_", " "))
+        if hf_attn is not None and getattr(hf_attn, "sinks", None) is not None:
+            problems.append("attention sinks")
+        if getattr(hf_config, "use_bidirectional_attention", False):
+            problems.append("bidirectional attention")
+        if getattr(hf_config, "sliding_window", None) and not getattr(hf_config, "layer_types", None):
+            problems.append("sliding windows without per-layer types")
+        types = set(getattr(hf_config, "layer_types", None) or ())
+        if types - {"sliding_attention", "full_attention"}:
+            problems.append(f"layer types {sorted(types)}")
+        if getattr(model.cfg, "rmsnorm_uses_offset", False):
+            # The pre-norms are folded into the next weights in compatibility mode: (1 + w) == 1.
+            norms = [b.ln1 for b in blocks] + ([b.ln2 for b in blocks] if not model.cfg.attn_only else [])
+            norms.append(model.ln_final)
+            if any(bool(n.original_component.weight.detach().any()) for n in norms):
+                problems.append("unfolded offset RMSNorm weights")
+        return problems
 
     def _make_rope(self, model):
         if self.cfg.positional_embedding_type != "rotary":
@@ -287,7 +406,7 @@ class Engine:
         native = getattr(orig, "rotary", None)
         if native is not None and hasattr(native, "apply_rope"):
 
-            def rope_native(q, k, positions):
+            def rope_native(q, k, positions, layer=0):
                 return native.apply_rope(q, k, position_ids=positions[None])
 
             return rope_native
@@ -299,16 +418,20 @@ class Engine:
         if rot is None:
             raise UnsupportedModelError("rotary model without a recognised rotary embedding module")
         rot = getattr(rot, "_original_component", rot)
-        cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        cache: dict[tuple[int, Optional[str]], tuple[torch.Tensor, torch.Tensor]] = {}
+        per_type = self.layer_types is not None and "layer_type" in inspect.signature(rot.forward).parameters
 
-        def rope_hf(q, k, positions):
+        def rope_hf(q, k, positions, layer=0):
             n = int(positions[-1]) + 1
-            if n not in cache:
+            kind = self.layer_types[layer] if per_type else None  # Gemma 3: a rotary base per layer type
+            if (n, kind) not in cache:
                 dummy = torch.zeros(1, n, self.d_head, dtype=self.dtype, device=self.device)
-                cos, sin = rot(dummy, torch.arange(n, device=self.device)[None])
-                cache.clear()
-                cache[n] = (cos[0].to(self.dtype), sin[0].to(self.dtype))
-            cos, sin = cache[n]
+                args = (dummy, torch.arange(n, device=self.device)[None]) + ((kind,) if per_type else ())
+                cos, sin = rot(*args)
+                if not any(key[0] == n for key in cache):
+                    cache.clear()
+                cache[(n, kind)] = (cos[0].to(self.dtype), sin[0].to(self.dtype))
+            cos, sin = cache[(n, kind)]
             cos, sin = cos[positions], sin[positions]  # [S, rd]
             rd = cos.shape[-1]
 
@@ -332,10 +455,21 @@ class Engine:
 
     def embed(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
         """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
-        x = self.W_E[tokens]
+        x = self._token_embed(tokens)
         if self.W_pos is not None:
             x = x + self.W_pos[: tokens.shape[1]]
         return x
+
+    def _token_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``hook_embed``: the token embeddings (times Gemma's ``sqrt(d_model)`` factor)."""
+        x = self.W_E[tokens]
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def _post_norm(self, x: torch.Tensor, weights: list[torch.Tensor], l: int) -> torch.Tensor:
+        """Gemma's RMSNorm after a sublayer (before it joins the residual); identity elsewhere."""
+        if not weights:
+            return x
+        return (self._norm(x, True).float() * weights[l]).to(x.dtype)
 
     def unembed(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... vocab"]:
         """Final norm and unembedding of a residual-stream tensor."""
@@ -347,7 +481,9 @@ class Engine:
             raise ValueError("this model is attention-only: it has no MLPs")
         return self._mlp(layer, resid_mid)
 
-    def _mlp(self, l: int, resid_mid: torch.Tensor, fire: Optional[Callable[[str, torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
+    def _mlp(
+        self, l: int, resid_mid: torch.Tensor, fire: Optional[Callable[[str, torch.Tensor, int], torch.Tensor]] = None
+    ) -> torch.Tensor:
         """Block ``l``'s MLP; ``fire(name, act, layer)`` runs its hook points (none by default)."""
         p = f"blocks.{l}."
         x = self._norm(resid_mid, self.rms)
@@ -364,7 +500,7 @@ class Engine:
             post = self.act(h)
         if fire is not None:
             post = fire(p + "mlp.hook_post", post, l)
-        return _affine(post, self.W_mlp_out[l], self.b_mlp_out[l])
+        return self._post_norm(_affine(post, self.W_mlp_out[l], self.b_mlp_out[l]), self.post_mlp_w, l)
 
     def _forward(
         self,
@@ -405,7 +541,9 @@ class Engine:
                 out = fn(act, EditContext(name, layer, start_pos, base_index, rows))
                 if out is not None:
                     if out.shape != act.shape:
-                        raise ValueError(f"edit at {name} returned shape {tuple(out.shape)}, expected {tuple(act.shape)}")
+                        raise ValueError(
+                            f"edit at {name} returned shape {tuple(out.shape)}, expected {tuple(act.shape)}"
+                        )
                     act = out
             if keep is not None and (want_all or name in keep):
                 kept[name] = act
@@ -432,8 +570,11 @@ class Engine:
                 k = fire(p + "attn.hook_k", k, l)
                 v = fire(p + "attn.hook_v", v, l)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [N, head, S, dh]
+            if self.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before rotary
+                q = (self._norm(q, True).float() * self.q_norm_w[l]).to(q.dtype)
+                k = (self._norm(k, True).float() * self.k_norm_w[l]).to(k.dtype)
             if self._rope is not None:
-                q, k = self._rope(q, k, positions)
+                q, k = self._rope(q, k, positions, l)
             if start_pos > 0:
                 pk, pv = prefix_keys[l], prefix_values[l]
                 if gather:
@@ -443,18 +584,21 @@ class Engine:
             new_k.append(k)
             new_v.append(v)
             m_l = mask
+            if self.layer_window[l] is not None and T > self.layer_window[l]:  # sliding-window layer
+                m_l = mask & (positions[:, None] - torch.arange(T, device=mask.device)[None] < self.layer_window[l])
             if last_at_top and l == self.n_layers - 1 and resid.shape[1] > 1:
-                q, resid, m_l = q[:, :, -1:], resid[:, -1:], mask[-1:]
+                q, resid, m_l = q[:, :, -1:], resid[:, -1:], m_l[-1:]
             if K != H:
                 k = k.repeat_interleave(H // K, dim=1)
                 v = v.repeat_interleave(H // K, dim=1)
-            scores = (q @ k.transpose(-1, -2)) * self.scale
+            scores = (q @ k.transpose(-1, -2)) * self.layer_scale[l]
             scores = scores.masked_fill(~m_l, float("-inf"))
             pattern = scores.softmax(-1)
             pattern = fire(p + "attn.hook_pattern", pattern, l)
             z = (pattern @ v).transpose(1, 2)  # [N, S, head, dh]
             z = fire(p + "attn.hook_z", z, l)
             attn_out = _affine(z.reshape(N, z.shape[1], H * dh), self.W_o[l], self.b_o[l])
+            attn_out = self._post_norm(attn_out, self.post_attn_w, l)
             attn_out = fire(p + "hook_attn_out", attn_out, l)
             resid = resid + attn_out
             if not self.attn_only:
@@ -470,7 +614,11 @@ class Engine:
         """Raise ``KeyError`` naming any hook the mirror cannot fire, with examples."""
         valid = {f"blocks.{l}.{h}" for l in range(self.n_layers) for h in HOOKS_PER_LAYER}
         if self.attn_only:
-            valid -= {f"blocks.{l}.{h}" for l in range(self.n_layers) for h in ("hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")}
+            valid -= {
+                f"blocks.{l}.{h}"
+                for l in range(self.n_layers)
+                for h in ("hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")
+            }
         valid.add("hook_embed")
         bad = [n for n in names if n not in valid]
         if bad:
@@ -533,9 +681,11 @@ class Engine:
             if tokens.shape[1] > self.cfg.n_ctx:
                 raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of {self.cfg.n_ctx}")
             tokens = tokens.to(self.device)
-            tok_embed = self.W_E[tokens]
+            tok_embed = self._token_embed(tokens)
             if "hook_embed" in edits:
-                tok_embed = edits.pop("hook_embed")(tok_embed, EditContext("hook_embed", -1, 0, torch.arange(tokens.shape[0])))
+                tok_embed = edits.pop("hook_embed")(
+                    tok_embed, EditContext("hook_embed", -1, 0, torch.arange(tokens.shape[0]))
+                )
             embed = tok_embed + self.W_pos[: tokens.shape[1]] if self.W_pos is not None else tok_embed
         elif "hook_embed" in edits:
             raise ValueError("a hook_embed edit needs tokens; edit the embed you pass instead")
@@ -555,7 +705,7 @@ class Engine:
         start_pos: int = 0,
         *,
         edits: Optional[dict[str, EditFn]] = None,
-        base_index: Optional[Int[torch.Tensor, "batch"]] = None,
+        base_index: Optional[Int[torch.Tensor, " batch"]] = None,
         last_only: bool = False,
         resid: Optional[Float[torch.Tensor, "batch suffix d_model"]] = None,
         stop_layer: Optional[int] = None,
@@ -591,10 +741,24 @@ class Engine:
         if base_index is None:
             base_index = torch.arange(base.n_batch)
         if resid is None:
-            name = f"blocks.{start_layer}.hook_resid_pre" if start_layer < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
+            name = (
+                f"blocks.{start_layer}.hook_resid_pre"
+                if start_layer < self.n_layers
+                else f"blocks.{self.n_layers - 1}.hook_resid_post"
+            )
             resid = base[name][base_index, start_pos:]
-        out, _, _, _ = self._forward(resid, start_layer, start_pos, base.keys, base.values, base_index, edits, None,
-                                     stop_layer=stop_layer, last_at_top=last_only and self._top_free(edits))
+        out, _, _, _ = self._forward(
+            resid,
+            start_layer,
+            start_pos,
+            base.keys,
+            base.values,
+            base_index,
+            edits,
+            None,
+            stop_layer=stop_layer,
+            last_at_top=last_only and self._top_free(edits),
+        )
         if stop_layer is not None:
             return None
         if last_only:
@@ -604,17 +768,16 @@ class Engine:
             return logits
         return torch.cat([base.logits[base_index, :start_pos], logits], dim=1)
 
-
     @torch.inference_mode()
     def resume_rows(
         self,
         base: BaseRun,
-        start_layers: Union[Int[torch.Tensor, "batch"], list[int]],
+        start_layers: Union[Int[torch.Tensor, " batch"], list[int]],
         start_pos: int,
         *,
         resid: Float[torch.Tensor, "batch suffix d_model"],
         edits: Optional[dict[str, EditFn]] = None,
-        base_index: Optional[Int[torch.Tensor, "batch"]] = None,
+        base_index: Optional[Int[torch.Tensor, " batch"]] = None,
         last_only: bool = True,
     ) -> torch.Tensor:
         """Like :meth:`resume`, but every row starts at its own layer; one call, exact.
@@ -649,9 +812,13 @@ class Engine:
         starts = torch.as_tensor(start_layers, dtype=torch.long).cpu()
         N = resid.shape[0]
         if starts.shape != (N,):
-            raise ValueError(f"start_layers must have one entry per row of resid ({N}), got shape {tuple(starts.shape)}")
+            raise ValueError(
+                f"start_layers must have one entry per row of resid ({N}), got shape {tuple(starts.shape)}"
+            )
         if N and (int(starts.min()) < 0 or int(starts.max()) > self.n_layers):
-            raise ValueError(f"start_layers must lie in [0, {self.n_layers}], got {starts.min().item()}..{starts.max().item()}")
+            raise ValueError(
+                f"start_layers must lie in [0, {self.n_layers}], got {starts.min().item()}..{starts.max().item()}"
+            )
         if not 0 <= start_pos < base.n_pos:
             raise ValueError(f"start_pos must be in [0, {base.n_pos}), got {start_pos}")
         if resid.ndim != 3 or resid.shape[1] != base.n_pos - start_pos:
@@ -673,9 +840,20 @@ class Engine:
         for l in range(first, self.n_layers):
             n = int((sorted_starts <= l).sum())
             rows = order[:n]
-            out, _, _, _ = self._forward(x[:n], l, start_pos, base.keys, base.values, bi[:n], edits, None, stop_layer=l + 1,
-                                         rows=rows, last_at_top=trim)
-            x[:n, x.shape[1] - out.shape[1]:] = out
+            out, _, _, _ = self._forward(
+                x[:n],
+                l,
+                start_pos,
+                base.keys,
+                base.values,
+                bi[:n],
+                edits,
+                None,
+                stop_layer=l + 1,
+                rows=rows,
+                last_at_top=trim,
+            )
+            x[:n, x.shape[1] - out.shape[1] :] = out
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(N)
         final = x[:, -1] if last_only else x

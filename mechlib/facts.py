@@ -58,7 +58,9 @@ __all__ = [
     "TokenizedFact",
     "attribute_token",
     "average_by_role",
+    "block0_outputs",
     "embedding_std",
+    "embedding_vectors",
     "known_facts",
     "list_relations",
     "load_facts",
@@ -142,15 +144,40 @@ class Fact:
         return start, start + len(self.subject)
 
     def to_dict(self) -> dict[str, str]:
-        return {"subject": self.subject, "relation": self.relation, "template": self.template, "attribute": self.attribute}
+        return {
+            "subject": self.subject,
+            "relation": self.relation,
+            "template": self.template,
+            "attribute": self.attribute,
+        }
 
 
 def _read_raw(path: Optional[Union[str, Path]] = None) -> dict[str, Any]:
     if path is None:
+        where = f"mechlib/data/{_DATA_FILE}"
         text = resources.files("mechlib").joinpath("data", _DATA_FILE).read_text(encoding="utf-8")
     else:
+        where = str(path)
         text = Path(path).read_text(encoding="utf-8")
-    return json.loads(text)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    fields = {"subject", "relation", "template", "attribute"}
+    shape = '{"relations": {name: description}, "facts": [{"subject", "relation", "template", "attribute"}, ...]}'
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("relations"), dict)
+        or not isinstance(raw.get("facts"), list)
+    ):
+        got = type(raw).__name__ if not isinstance(raw, dict) else f"an object with keys {sorted(raw)}"
+        raise ValueError(f"{where}: a facts file is {shape}; got {got}")
+    for i, entry in enumerate(raw["facts"]):
+        if not isinstance(entry, dict) or set(entry) != fields or not all(isinstance(v, str) for v in entry.values()):
+            raise ValueError(
+                f"{where}: facts[{i}] must be an object with the string fields {sorted(fields)}; got {entry!r}"
+            )
+    return raw
 
 
 def list_relations(path: Optional[Union[str, Path]] = None) -> dict[str, str]:
@@ -255,7 +282,9 @@ def _char_offsets(tokenizer: Any, text: str, ids: list[int]) -> list[tuple[int, 
     return spans
 
 
-def _tokenize(model_or_tokenizer: Any, prompt: str, prepend_bos: Optional[bool]) -> tuple[list[int], list[tuple[int, int]], int]:
+def _tokenize(
+    model_or_tokenizer: Any, prompt: str, prepend_bos: Optional[bool]
+) -> tuple[list[int], list[tuple[int, int]], int]:
     """Token ids of ``prompt`` as the model sees them, each token's character span, and the
     number of leading special tokens (the BOS, if any)."""
     tokenizer, bos, model = _tokenizer_and_bos(model_or_tokenizer, prepend_bos)
@@ -329,13 +358,11 @@ def subject_token_span(
     elif prompt[char_start : char_start + len(subject)] != subject:
         raise ValueError(
             f"subject {subject!r} is not at character {char_start} of prompt {prompt!r} "
-            f"(found {prompt[char_start:char_start + len(subject)]!r} there)"
+            f"(found {prompt[char_start : char_start + len(subject)]!r} there)"
         )
     char_end = char_start + len(subject)
     _, offsets, shift = _tokenize(model_or_tokenizer, prompt, prepend_bos)
-    inside = [
-        i for i, (s, e) in enumerate(offsets) if i >= shift and e > s and s < char_end and e > char_start
-    ]
+    inside = [i for i, (s, e) in enumerate(offsets) if i >= shift and e > s and s < char_end and e > char_start]
     if not inside:  # cannot happen for a non-empty subject, but never return a wrong span
         raise ValueError(f"no token of {prompt!r} overlaps subject {subject!r}")
     return inside[0], inside[-1] + 1
@@ -489,7 +516,7 @@ class TokenizedFact:
     """
 
     fact: Fact
-    tokens: Int[torch.Tensor, "pos"]
+    tokens: Int[torch.Tensor, " pos"]
     str_tokens: list[str]
     subject_start: int
     subject_end: int
@@ -710,15 +737,12 @@ class NoiseScale:
         return multiplier * self.std
 
 
-def embedding_std(model: Any, token_ids: Union[Sequence[int], Int[torch.Tensor, "n"]]) -> float:
-    """Standard deviation over all coordinates of the token embeddings ``W_E[token_ids]``.
-
-    Duplicates count as often as they occur (ROME pools every subject-token occurrence). These
-    are the vectors the ``hook_embed`` hook sees, before any positional embedding.
-
-    Example:
-        >>> embedding_std(tiny_model, [1, 2, 3])   # doctest: +SKIP
-    """
+def embedding_vectors(
+    model: Any, token_ids: Union[Sequence[int], Int[torch.Tensor, " n"]]
+) -> Float[torch.Tensor, "n d_model"]:
+    """The token embeddings ``hook_embed`` sees for ``token_ids``: rows of ``W_E``, times the
+    embedding scale where the model has one (Gemma multiplies by ``sqrt(d_model)``), before any
+    positional embedding."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     if ids.numel() == 0:
         raise ValueError("no token ids given to measure the embedding spread on")
@@ -727,10 +751,61 @@ def embedding_std(model: Any, token_ids: Union[Sequence[int], Int[torch.Tensor, 
         raise ValueError(f"token ids must lie in [0, {d_vocab}); got min {int(ids.min())}, max {int(ids.max())}")
     with torch.no_grad():
         vectors = model.W_E.detach()[ids.to(model.W_E.device)].float()
-    return float(vectors.std())
+        scale = getattr(getattr(getattr(model, "embed", None), "original_component", None), "embed_scale", None)
+        if scale is not None:
+            vectors = vectors * torch.as_tensor(scale, dtype=vectors.dtype, device=vectors.device)
+    return vectors
 
 
-def noise_scale(model: Any, facts: Sequence[Fact]) -> NoiseScale:
+def embedding_std(model: Any, token_ids: Union[Sequence[int], Int[torch.Tensor, " n"]]) -> float:
+    """Standard deviation over all coordinates of the token embeddings of ``token_ids``.
+
+    Duplicates count as often as they occur (ROME pools every subject-token occurrence). These
+    are the vectors the ``hook_embed`` hook sees, where causal tracing adds its noise: rows of
+    ``W_E``, scaled as the model scales them (:func:`embedding_vectors`).
+
+    Example:
+        >>> embedding_std(tiny_model, [1, 2, 3])   # doctest: +SKIP
+    """
+    return float(embedding_vectors(model, token_ids).std())
+
+
+def block0_outputs(
+    model: Any, token_lists: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], *, batch_size: int = 64
+) -> Float[torch.Tensor, "n d_model"]:
+    """The residual stream after block 0 (``blocks.0.hook_resid_post``) at chosen positions.
+
+    Prompt ``i`` is ``token_lists[i]``; its rows ``spans[i][0] .. spans[i][1] - 1`` are returned,
+    all prompts' rows stacked in order. Prompts are batched, right-padded (attention is causal,
+    so padding after a position cannot change it), and run through block 0 only. This is the
+    "extended embedding" (token embedding + block 0's attention and MLP) that causal tracing
+    corrupts with ``corrupt="block0"``.
+
+    Example:
+        >>> block0_outputs(tiny_model, [[1, 2, 3]], [(1, 3)]).shape      # doctest: +SKIP
+        torch.Size([2, 64])
+    """
+    if len(token_lists) != len(spans):
+        raise ValueError(f"token_lists has {len(token_lists)} prompts but spans has {len(spans)} spans")
+    if not token_lists:
+        raise ValueError("no prompts given to measure block-0 outputs on")
+    name = "blocks.0.hook_resid_post"
+    out = []
+    for a in range(0, len(token_lists), batch_size):
+        chunk = [list(map(int, t)) for t in token_lists[a : a + batch_size]]
+        width = max(len(t) for t in chunk)
+        batch = torch.tensor([t + [t[-1]] * (width - len(t)) for t in chunk], dtype=torch.long)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(batch.to(model.cfg.device), names_filter=[name], stop_at_layer=1)
+        acts = cache[name].detach().float().cpu()
+        for i, (s0, s1) in enumerate(spans[a : a + batch_size]):
+            if not 0 <= s0 < s1 <= len(chunk[i]):
+                raise ValueError(f"span {(s0, s1)} does not fit prompt {a + i} of {len(chunk[i])} tokens")
+            out.append(acts[i, s0:s1])
+    return torch.cat(out)
+
+
+def noise_scale(model: Any, facts: Sequence[Fact], *, at: str = "embed") -> NoiseScale:
     """ROME's noise reference: the std of the embeddings of every subject token of ``facts``.
 
     Each fact's subject tokens are taken as they occur in its prompt (so with the leading space
@@ -740,6 +815,9 @@ def noise_scale(model: Any, facts: Sequence[Fact]) -> NoiseScale:
     Args:
         model: A TransformerBridge with a tokenizer.
         facts: The reference facts (ROME: the known facts).
+        at: Which vectors: ``"embed"``, the token embeddings (ROME); ``"block0"``, the residual
+            stream after block 0 at the subject tokens (:func:`block0_outputs`), the vectors
+            causal tracing corrupts with ``corrupt="block0"``.
 
     Returns:
         A :class:`NoiseScale` with the value and what it was measured on.
@@ -748,21 +826,23 @@ def noise_scale(model: Any, facts: Sequence[Fact]) -> NoiseScale:
         >>> scale = noise_scale(model, [k.fact for k in known])   # doctest: +SKIP
         >>> scale.noise()                                          # 3 x scale.std  # doctest: +SKIP
     """
-    if not facts:
-        raise ValueError("noise_scale needs at least one fact to measure subject embeddings on")
+    if at not in ("embed", "block0"):
+        raise ValueError(f"at must be 'embed' (token embeddings) or 'block0' (the residual after block 0), got {at!r}")
+    if isinstance(facts, (str, Fact)) or not facts:
+        raise ValueError("noise_scale needs at least one fact (a non-empty list) to measure subject embeddings on")
     ids: list[int] = []
+    prompts: list[list[int]] = []
+    spans: list[tuple[int, int]] = []
     for fact in facts:
         toks, _, _ = _tokenize(model, fact.prompt, None)
         start, end = subject_token_span(model, fact.prompt, fact.subject, char_start=fact.subject_char_span[0])
         ids += toks[start:end]
-    std = embedding_std(model, ids)
+        prompts.append(toks)
+        spans.append((start, end))
     n_subjects = len({f.subject for f in facts})
-    return NoiseScale(
-        std=std,
-        n_tokens=len(ids),
-        n_vectors_unique=len(set(ids)),
-        measured_on=(
-            f"token embeddings (W_E rows) of all {len(ids)} subject-token occurrences in "
-            f"{len(facts)} fact prompts ({n_subjects} distinct subjects)"
-        ),
-    )
+    where = f"all {len(ids)} subject-token occurrences in {len(facts)} fact prompts ({n_subjects} distinct subjects)"
+    if at == "embed":
+        std, what = embedding_std(model, ids), "token embeddings (hook_embed)"
+    else:
+        std, what = float(block0_outputs(model, prompts, spans).std()), "block-0 outputs (blocks.0.hook_resid_post)"
+    return NoiseScale(std=std, n_tokens=len(ids), n_vectors_unique=len(set(ids)), measured_on=f"{what} of {where}")

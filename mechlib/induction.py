@@ -46,11 +46,14 @@ from typing import Any, Optional, Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 
+from mechlib.metrics import Metric
 from mechlib.results import Grid
+from mechlib.validate import str_list, token_tensor, whole
 
 __all__ = [
     "HEAD_KINDS",
     "RepeatLoss",
+    "RepeatPair",
     "check_context",
     "duplicate_token_targets",
     "head_scores",
@@ -59,6 +62,7 @@ __all__ = [
     "induction_targets",
     "previous_token_targets",
     "repeat_loss",
+    "repeat_pair",
     "repeated_tokens",
     "token_loss",
 ]
@@ -122,8 +126,11 @@ def repeated_tokens(
         >>> repeated_tokens(load_model("tiny-attn-2l"), batch=1, seg_len=3, seed=1).shape
         torch.Size([1, 6])
     """
-    if batch < 1 or seg_len < 1:
-        raise ValueError(f"batch and seg_len must be at least 1, got batch={batch}, seg_len={seg_len}")
+    batch = whole(batch, "batch", minimum=1)
+    seg_len = whole(seg_len, "seg_len", minimum=1)
+    seed = whole(seed, "seed")
+    if bos is not None and not isinstance(bos, bool):
+        raise TypeError(f"bos must be True, False or None, got {bos!r}")
     bos_id = _bos_id(model)
     if bos is None:
         bos = bool(getattr(model.cfg, "default_prepend_bos", False)) and bos_id is not None
@@ -150,6 +157,52 @@ def repeated_tokens(
     return out.to(dev) if dev is not None else out
 
 
+@dataclass
+class RepeatPair:
+    """Repeated random tokens and a corrupted copy for patching or attribution.
+
+    ``corrupted`` has a *different* first segment, so its second repeat cannot be copied by
+    induction; ``clean`` is :func:`repeated_tokens`. ``metric`` is the mean log-probability of the
+    correct next token over the second repeat, per sequence (a :class:`~mechlib.metrics.Metric`).
+    """
+
+    clean: Int[torch.Tensor, "batch pos"]
+    corrupted: Int[torch.Tensor, "batch pos"]
+    seg_len: int
+    offset: int
+    metric: Metric
+
+    @property
+    def second(self) -> Int[torch.Tensor, " n"]:
+        """Positions whose next token is in the second repeat (the ones the metric reads)."""
+        return torch.arange(self.offset + self.seg_len, self.clean.shape[1] - 1)
+
+
+def repeat_pair(model: Any, batch: int = 8, seg_len: int = 50, *, seed: int = 0) -> RepeatPair:
+    """:func:`repeated_tokens` (seed ``seed``) and a corrupted copy whose first segment comes from
+    seed ``seed + 1``, with the second-repeat log-probability metric.
+
+    Example:
+        >>> from mechlib.models import load_model
+        >>> pair = repeat_pair(load_model("tiny-attn-2l"), batch=2, seg_len=4)
+        >>> pair.clean.shape == pair.corrupted.shape, pair.second.tolist()
+        (True, [4, 5, 6])
+    """
+    clean = repeated_tokens(model, batch, seg_len, seed=seed)
+    offset = clean.shape[1] - 2 * seg_len
+    corrupted = clean.clone()
+    other = repeated_tokens(model, batch, seg_len, seed=seed + 1)
+    corrupted[:, offset : offset + seg_len] = other[:, offset : offset + seg_len]
+    second = torch.arange(offset + seg_len, clean.shape[1] - 1)
+    targets = clean[:, second + 1]
+
+    def second_repeat_logprob(logits: torch.Tensor) -> torch.Tensor:
+        lp = logits[:, second].float().log_softmax(-1)
+        return lp.gather(-1, targets[..., None].to(lp.device))[..., 0].mean(-1)
+
+    return RepeatPair(clean, corrupted, seg_len, offset, Metric(second_repeat_logprob, "second-repeat log-prob"))
+
+
 def check_context(model: Any, seq_len: int) -> None:
     """Raise a clear ``ValueError`` if ``seq_len`` tokens do not fit the model's context."""
     n_ctx = getattr(model.cfg, "n_ctx", None)
@@ -161,18 +214,12 @@ def check_context(model: Any, seq_len: int) -> None:
 
 
 def _as_tokens(model: Any, tokens: torch.Tensor) -> Int[torch.Tensor, "batch pos"]:
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
+    if isinstance(tokens, torch.Tensor) and tokens.ndim == 1:
         tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.dtype.is_floating_point:
-        raise ValueError(f"tokens must be an integer tensor [batch, pos], got shape {tuple(tokens.shape)} {tokens.dtype}")
+    tokens = token_tensor(tokens, model)
     if tokens.shape[1] < 2:
         raise ValueError("tokens need at least 2 positions")
-    check_context(model, tokens.shape[1])
-    d_vocab = getattr(model.cfg, "d_vocab", None)
-    if d_vocab is not None and (int(tokens.max()) >= int(d_vocab) or int(tokens.min()) < 0):
-        raise ValueError(f"token ids must lie in [0, {d_vocab}) for this model; got {int(tokens.min())}..{int(tokens.max())}")
-    return tokens.long().to(getattr(model.cfg, "device", None) or tokens.device)
+    return tokens.to(getattr(model.cfg, "device", None) or tokens.device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,7 +299,7 @@ def head_scores(
         >>> tuple(g.shape)
         (2, 4)
     """
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    kinds = [kinds] if isinstance(kinds, str) else str_list(kinds, "kinds")
     bad = [k for k in kinds if k not in _TARGETS]
     if bad or not kinds:
         raise ValueError(f"unknown head kind(s) {bad}; choose from {HEAD_KINDS}")
@@ -309,9 +356,7 @@ def token_loss(model: Any, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torc
     return -logp.gather(-1, tokens[:, 1:, None])[..., 0]
 
 
-def in_context_learning_score(
-    loss: Float[torch.Tensor, "... pos"], early: int, late: int
-) -> float:
+def in_context_learning_score(loss: Float[torch.Tensor, "... pos"], early: int, late: int) -> float:
     """Olsson et al.'s in-context-learning score: loss at a late token minus loss at an early one.
 
     Args:
@@ -325,6 +370,7 @@ def in_context_learning_score(
         are predicted better (the paper reports about -0.4 nats after the phase change).
     """
     n = loss.shape[-1]
+    early, late = whole(early, "early"), whole(late, "late")
     for name, t in (("early", early), ("late", late)):
         if not 1 <= t <= n:
             raise ValueError(f"{name}={t} is not a target position; choose 1..{n}")
@@ -425,7 +471,7 @@ def repeat_loss(model: Any, tokens: Int[torch.Tensor, "batch pos"], seg_len: Opt
     """
     tokens = _as_tokens(model, tokens)
     n = tokens.shape[1]
-    L = n // 2 if seg_len is None else int(seg_len)
+    L = n // 2 if seg_len is None else whole(seg_len, "seg_len", minimum=1)
     off = n - 2 * L
     if off not in (0, 1) or L < 2:
         raise ValueError(f"{n} tokens do not hold two repeats of seg_len={L} (plus at most one BOS)")

@@ -35,6 +35,9 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from jaxtyping import Float, Int
 
+from mechlib.models import model_device
+from mechlib.validate import choice, int_list, str_list, whole
+
 __all__ = [
     "BABA_TEMPLATES",
     "ABBA_TEMPLATES",
@@ -169,6 +172,7 @@ def template_lengths(
     model_or_tokenizer: Any, templates: Sequence[str] = BABA_TEMPLATES, *, prepend_bos: Optional[bool] = None
 ) -> list[int]:
     """Token length of each template, filled with single-token words (BOS counted if prepended)."""
+    templates = str_list(templates, "templates")
     tok = _Tok(model_or_tokenizer, prepend_bos)
     io, s = (_filter_single(tok, NAMES)[0] + ["John", "Mary"])[:2]
     place = (_filter_single(tok, PLACES)[0] + ["store"])[0]
@@ -274,7 +278,14 @@ class IOIDataset:
             idx = list(range(len(self)))[index]
         else:
             t = torch.as_tensor(index)
-            idx = t.nonzero().flatten().tolist() if t.dtype == torch.bool else t.flatten().tolist()
+            if t.dtype == torch.bool:
+                if t.shape != (len(self),):
+                    raise ValueError(f"index: a bool mask needs {len(self)} entries, got shape {tuple(t.shape)}")
+                idx = t.nonzero().flatten().tolist()
+            elif t.numel() == 0:
+                idx = []
+            else:
+                idx = [whole(i, "index", minimum=-len(self), maximum=len(self) - 1) % len(self) for i in t.flatten()]
         if not idx:
             raise ValueError("subset is empty")
         ti = torch.tensor(idx)
@@ -326,7 +337,8 @@ class IOIDataset:
         )
         lines.append(f"  kept: {', '.join(self.names)}")
         lines.append(
-            f"places: {len(self.place_pool)} kept" + (f", dropped {self.dropped_places}" if self.dropped_places else "")
+            f"places: {len(self.place_pool)} kept"
+            + (f", dropped {self.dropped_places}" if self.dropped_places else "")
             + f"; objects: {len(self.object_pool)} kept"
             + (f", dropped {self.dropped_objects}" if self.dropped_objects else "")
         )
@@ -385,10 +397,24 @@ def make_ioi_dataset(
         >>> ds = make_ioi_dataset(model, 8, seed=1, order="BABA")   # doctest: +SKIP
         >>> ds.tokens.shape, ds.pos("S2")[:3]                       # doctest: +SKIP
     """
-    if not isinstance(n, int) or n < 1:
+    n = whole(n, "n")
+    if n < 1:
         raise ValueError(f"n must be a positive integer number of prompts, got {n!r}")
-    if order not in ("BABA", "ABBA", "both"):
-        raise ValueError(f"order must be 'BABA', 'ABBA' or 'both', got {order!r}")
+    seed = whole(seed, "seed")
+    choice(order, "order", ("BABA", "ABBA", "both"))
+    names, places, objects = str_list(names, "names"), str_list(places, "places"), str_list(objects, "objects")
+    min_names = whole(min_names, "min_names", minimum=0)
+    if length is not None:
+        length = whole(length, "length", minimum=1)
+    if templates is not None:  # checked, then kept in the given order (the draw follows it)
+        int_list(
+            templates, "templates", n=len(BABA_TEMPLATES), what="template indices", example="[0, 1]", owner="there are"
+        )
+        templates = list(
+            dict.fromkeys(int(t) for t in (templates.tolist() if isinstance(templates, torch.Tensor) else templates))
+        )
+    if prepend_bos is not None and not isinstance(prepend_bos, bool):
+        raise TypeError(f"prepend_bos must be True, False or None, got {prepend_bos!r}")
     tok = _Tok(model_or_tokenizer, prepend_bos)
 
     name_pool, dropped_names = _filter_single(tok, names)
@@ -407,11 +433,7 @@ def make_ioi_dataset(
             f"(dropped places {dropped_places}, objects {dropped_objects}); pass common one-word nouns"
         )
 
-    pool = list(range(len(BABA_TEMPLATES))) if templates is None else [int(t) for t in templates]
-    bad = [t for t in pool if not 0 <= t < len(BABA_TEMPLATES)]
-    if bad or not pool:
-        raise ValueError(f"template indices must be in 0..{len(BABA_TEMPLATES) - 1}, got {list(templates or [])}")
-    pool = list(dict.fromkeys(pool))
+    pool = list(range(len(BABA_TEMPLATES))) if templates is None else templates
     orders_wanted = ["BABA", "ABBA"] if order == "both" else [order]
 
     def fill(k: int, o: str, io: str, s: str, place: str, obj: str) -> str:
@@ -435,8 +457,10 @@ def make_ioi_dataset(
         raise ValueError(f"no template has {length} tokens; template lengths are {lens}")
 
     rng = random.Random(seed)
-    rows: dict[str, list[Any]] = {k: [] for k in (
-        "prompts", "corrupted", "tokens", "ctokens", "io", "s", "cn", "place", "obj", "tid", "order", "pos")}
+    rows: dict[str, list[Any]] = {
+        k: []
+        for k in ("prompts", "corrupted", "tokens", "ctokens", "io", "s", "cn", "place", "obj", "tid", "order", "pos")
+    }
     attempts = 0
     while len(rows["prompts"]) < n:
         attempts += 1
@@ -461,11 +485,26 @@ def make_ioi_dataset(
         io_id, s_id = tok.single(io), tok.single(s)
         if pos is None or ids[pos["IO"]] != io_id or ids[pos["S1"]] != s_id or ids[pos["S2"]] != s_id:
             continue
-        if cids[pos["IO"]] != tok.single(c_io) or cids[pos["S1"]] != tok.single(c_s1) or cids[pos["S2"]] != tok.single(c_s2):
+        if (
+            cids[pos["IO"]] != tok.single(c_io)
+            or cids[pos["S1"]] != tok.single(c_s1)
+            or cids[pos["S2"]] != tok.single(c_s2)
+        ):
             continue
-        for key, val in (("prompts", clean), ("corrupted", corrupted), ("tokens", ids), ("ctokens", cids),
-                         ("io", io), ("s", s), ("cn", (c_io, c_s1, c_s2)), ("place", place), ("obj", obj),
-                         ("tid", k), ("order", o), ("pos", pos)):
+        for key, val in (
+            ("prompts", clean),
+            ("corrupted", corrupted),
+            ("tokens", ids),
+            ("ctokens", cids),
+            ("io", io),
+            ("s", s),
+            ("cn", (c_io, c_s1, c_s2)),
+            ("place", place),
+            ("obj", obj),
+            ("tid", k),
+            ("order", o),
+            ("pos", pos),
+        ):
             rows[key].append(val)
 
     tokens = torch.tensor(rows["tokens"], dtype=torch.long)
@@ -584,10 +623,13 @@ def ioi_baseline(model: Any, dataset: IOIDataset, *, batch_size: int = 64) -> IO
     Example:
         >>> print(ioi_baseline(model, make_ioi_dataset(model, 50)))   # doctest: +SKIP
     """
+    if not isinstance(dataset, IOIDataset):
+        raise TypeError(f"dataset must be an IOIDataset (make_ioi_dataset), got {type(dataset).__name__}")
+    batch_size = whole(batch_size, "batch_size", minimum=1)
     clean, corr, p_io, top1 = [], [], [], []
     for start in range(0, len(dataset), batch_size):
         part = dataset.subset(slice(start, start + batch_size))
-        both = torch.cat([part.tokens, part.corrupted_tokens]).to(_device(model))
+        both = torch.cat([part.tokens, part.corrupted_tokens]).to(model_device(model))
         logits = model(both).float().cpu()
         m = len(part)
         clean.append(logit_diff(logits[:m], part))
@@ -605,10 +647,3 @@ def ioi_baseline(model: Any, dataset: IOIDataset, *, batch_size: int = 64) -> IO
         per_prompt=c,
         corrupted_per_prompt=k,
     )
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except Exception:
-        return torch.device("cpu")

@@ -39,7 +39,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from jaxtyping import Float, Int
 
+from mechlib.models import model_device
 from mechlib.results import Grid
+from mechlib.validate import prompt_positions, str_list, token_tensor, whole
 
 __all__ = [
     "AnswerLike",
@@ -64,16 +66,23 @@ def _single_token_id(model: Any, answer: str) -> int:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(
-            f"cannot turn the string {answer!r} into a token: this model has no tokenizer; pass token ids instead"
+            f"answers: cannot turn the string {answer!r} into a token: this model has no tokenizer; pass token ids "
+            "instead"
         )
     ids = tok.encode(answer, add_special_tokens=False)
     if len(ids) != 1:
         pieces = [tok.decode([i]) for i in ids]
         hint = f" Did you mean {(' ' + answer)!r} (with a leading space)?" if not answer.startswith(" ") else ""
-        raise ValueError(
-            f"answer {answer!r} is {len(ids)} tokens, {pieces}, but an answer must be one token.{hint}"
-        )
+        raise ValueError(f"answer {answer!r} is {len(ids)} tokens, {pieces}, but an answer must be one token.{hint}")
     return int(ids[0])
+
+
+def _is_id(x: Any) -> bool:
+    try:
+        whole(x, "x")
+        return True
+    except TypeError:
+        return False
 
 
 def to_answer_ids(model: Any, answers: AnswerLike, n: Optional[int] = None) -> Int[torch.Tensor, " batch"]:
@@ -90,17 +99,28 @@ def to_answer_ids(model: Any, answers: AnswerLike, n: Optional[int] = None) -> I
         ValueError: A multi-token string (the message lists its pieces and suggests a leading
             space), an id outside the vocabulary, or a count that is not ``n``.
     """
+    if n is not None:
+        n = whole(n, "n", minimum=1)
+    if not isinstance(answers, (torch.Tensor, str)) and hasattr(answers, "__array__"):  # numpy
+        answers = torch.as_tensor(answers)
     if isinstance(answers, torch.Tensor):
-        ids = answers.flatten().long().cpu() if answers.ndim <= 1 else None
-        if ids is None:
+        if answers.ndim > 1:
             raise ValueError(f"answers must be a 1-D tensor of token ids, got shape {tuple(answers.shape)}")
-    elif isinstance(answers, (str, int)):
-        one = _single_token_id(model, answers) if isinstance(answers, str) else int(answers)
+        if answers.is_floating_point() or answers.is_complex() or answers.dtype == torch.bool:
+            raise TypeError(f"answers must be token ids (integers), got a {answers.dtype} tensor")
+        ids = answers.flatten().long().cpu()
+    elif isinstance(answers, str) or _is_id(answers):
+        one = _single_token_id(model, answers) if isinstance(answers, str) else whole(answers, "answers")
         ids = torch.tensor([one] * (n if n is not None else 1), dtype=torch.long)
-    else:
+    elif isinstance(answers, Sequence):
         ids = torch.tensor(
-            [_single_token_id(model, a) if isinstance(a, str) else int(a) for a in answers], dtype=torch.long
+            [_single_token_id(model, a) if isinstance(a, str) else whole(a, "answers (a token id)") for a in answers],
+            dtype=torch.long,
         )
+    else:
+        raise TypeError(f"answers must be one-token strings or token ids, got {answers!r} ({type(answers).__name__})")
+    if ids.numel() == 0:
+        raise ValueError("answers is empty; give one answer, or one per prompt")
     if n is not None and ids.numel() == 1 and n > 1:
         ids = ids.repeat(n)
     if n is not None and ids.numel() != n:
@@ -151,24 +171,14 @@ def _bias(model: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _positions(pos: PosLike, batch: int, seq: int) -> torch.Tensor:
-    if pos is None:
-        pos = -1
-    p = torch.as_tensor(pos, dtype=torch.long).flatten().cpu()
-    if p.numel() == 1:
-        p = p.repeat(batch)
-    if p.numel() != batch:
-        raise ValueError(f"got {p.numel()} positions for {batch} prompts; give one position or one per prompt")
-    p = torch.where(p < 0, p + seq, p)
-    if (p < 0).any() or (p >= seq).any():
-        raise ValueError(f"positions must lie in [-{seq}, {seq}) for prompts of {seq} tokens, got {pos}")
-    return p
+    return prompt_positions(-1 if pos is None else pos, batch, seq, "pos")
 
 
 def _check_tokens(model: Any, tokens: Any) -> torch.Tensor:
     if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
         if getattr(model, "tokenizer", None) is None:
             raise ValueError("this model has no tokenizer: pass a token tensor [batch, pos]")
-        prompts = [tokens] if isinstance(tokens, str) else list(tokens)
+        prompts = [tokens] if isinstance(tokens, str) else str_list(tokens, "tokens")
         lengths = {int(model.to_tokens(p).shape[1]) for p in prompts}
         if len(lengths) > 1:
             raise ValueError(
@@ -176,26 +186,20 @@ def _check_tokens(model: Any, tokens: Any) -> torch.Tensor:
                 "position -1 would read padding; group prompts by length (make_ioi_dataset does) or pass tokens"
             )
         tokens = model.to_tokens(prompts)
-    tokens = torch.as_tensor(tokens)
+    if not isinstance(tokens, torch.Tensor):
+        try:
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"tokens must be a [batch, pos] tensor of token ids or prompt strings: {exc}") from None
     if tokens.ndim == 1:
         tokens = tokens[None]
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-    return tokens.long()
+    return token_tensor(tokens, model)
 
 
 def _names_filter(name: str) -> bool:
-    return (
-        name in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale")
-        or name.endswith(("hook_attn_out", "hook_mlp_out", "attn.hook_z", "mlp.hook_post", "hook_resid_pre", "hook_resid_post"))
+    return name in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale") or name.endswith(
+        ("hook_attn_out", "hook_mlp_out", "attn.hook_z", "mlp.hook_post", "hook_resid_pre", "hook_resid_post")
     )
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except Exception:
-        return torch.device("cpu")
 
 
 def _component_label(raw: str) -> str:
@@ -274,16 +278,18 @@ class LogitAttribution:
 
     def summary(self, k: int = 5) -> str:
         """Actual vs summed attribution, and the top positive/negative components and heads."""
-        return "\n".join([
-            f"{self.metric}: actual {self.actual.mean():.4f}, components sum {self.total.mean():.4f}, "
-            f"b_U term {self.unembed_bias.mean():.4f}, max |remainder| {self.remainder.abs().max():.2e} "
-            f"({len(self.actual)} prompts; final norm scale frozen)",
-            f"top components: {_fmt_top(self.components, k)}",
-            f"bottom components: {_fmt_top(self.components, k, largest=False)}",
-            f"top heads: {_fmt_top(self.heads, k)}",
-            f"bottom heads: {_fmt_top(self.heads, k, largest=False)}",
-            f"top neurons (by |attribution|): {_fmt_top(self.neurons, k, absolute=True)}",
-        ])
+        return "\n".join(
+            [
+                f"{self.metric}: actual {self.actual.mean():.4f}, components sum {self.total.mean():.4f}, "
+                f"b_U term {self.unembed_bias.mean():.4f}, max |remainder| {self.remainder.abs().max():.2e} "
+                f"({len(self.actual)} prompts; final norm scale frozen)",
+                f"top components: {_fmt_top(self.components, k)}",
+                f"bottom components: {_fmt_top(self.components, k, largest=False)}",
+                f"top heads: {_fmt_top(self.heads, k)}",
+                f"bottom heads: {_fmt_top(self.heads, k, largest=False)}",
+                f"top neurons (by |attribution|): {_fmt_top(self.neurons, k, absolute=True)}",
+            ]
+        )
 
     def plot(self):
         """Components as bars and heads as a heatmap, side by side. Returns the figure."""
@@ -342,6 +348,8 @@ def direct_logit_attribution(
     tokens = _check_tokens(model, tokens)
     batch, seq = tokens.shape
     positions = _positions(pos, batch, seq)
+    top_k_neurons = whole(top_k_neurons, "top_k_neurons", minimum=0)
+    batch_size = whole(batch_size, "batch_size", minimum=1)
     ans = to_answer_ids(model, answers, batch)
     wr = to_answer_ids(model, wrong, batch) if wrong is not None else None
     dirs = answer_directions(model, ans, wr).float()  # [batch, d_model]
@@ -352,7 +360,7 @@ def direct_logit_attribution(
     b_O = _bias(model, "b_O", (L, int(cfg.d_model))).float()
     attn_only = bool(getattr(cfg, "attn_only", False))
     W_out = None if attn_only else model.W_out.detach().float()  # [L, d_mlp, d_model]
-    dev = _device(model)
+    dev = model_device(model)
 
     b_out = None if attn_only else _bias(model, "b_out", (L, int(cfg.d_model))).float()
     comp_rows, head_rows, neuron_sum, neuron_abs, actual, attn_bias, mlp_bias = [], [], None, None, [], [], []
@@ -406,7 +414,14 @@ def direct_logit_attribution(
     bias = b_U[ans] - (b_U[wr] if wr is not None else 0.0)
     metric = "logit diff" if wr is not None else "logit"
     meta = {"n_prompts": batch, "approximation": "final norm scale frozen at its forward-pass value"}
-    components = Grid(comps.mean(1), ("component",), {"component": labels}, title=f"DLA per component ({metric})", metric=metric, meta=meta)
+    components = Grid(
+        comps.mean(1),
+        ("component",),
+        {"component": labels},
+        title=f"DLA per component ({metric})",
+        metric=metric,
+        meta=meta,
+    )
     head_grid = Grid(heads.mean(-1), ("layer", "head"), title=f"DLA per head ({metric})", metric=metric, meta=meta)
     if neuron_sum is not None:
         mean = neuron_sum / batch
@@ -539,10 +554,11 @@ def logit_lens(
     tokens = _check_tokens(model, tokens)
     batch, seq = tokens.shape
     positions = _positions(pos, batch, seq)
+    batch_size = whole(batch_size, "batch_size", minimum=1)
     ans = to_answer_ids(model, answers, batch)
     wr = to_answer_ids(model, wrong, batch) if wrong is not None else None
     W_U = model.W_U.detach().float()
-    dev = _device(model)
+    dev = model_device(model)
     b_U = _bias(model, "b_U", (int(model.cfg.d_vocab),)).float().to(dev)
     out: dict[str, list[torch.Tensor]] = {"logit": [], "rank": [], "prob": [], "logit_diff": []}
     layer_labels: list[str] = []

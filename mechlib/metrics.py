@@ -25,11 +25,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
+
+from mechlib.validate import metric_values, whole
 
 __all__ = ["Metric", "as_metric", "logit_diff", "answer_prob", "ioi_metric", "normalised", "answer_ids"]
 
@@ -55,29 +58,40 @@ class Metric:
         return self.evaluate(logits)
 
     def evaluate(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> torch.Tensor:
-        """``fn(logits)`` as a tensor, checked to be a scalar or ``[batch]``.
+        """``fn(logits)`` as a tensor, checked to be a finite float scalar or ``[batch]``.
 
         Raises:
-            ValueError: The logits are not 3-D, or the function returned another shape.
+            ValueError: The logits are not 3-D; the function returned another shape, NaN or inf.
+            TypeError: The function returned something other than floats (e.g. an integer tensor).
         """
-        if logits.ndim != 3:
-            raise ValueError(
-                f"metric {self.name!r} takes logits [batch, pos, vocab], got shape {tuple(logits.shape)}"
-            )
-        out = self.fn(logits)
-        if not isinstance(out, torch.Tensor):
-            try:
-                out = torch.as_tensor(out, dtype=torch.float32)
-            except Exception as exc:  # pragma: no cover - message is the point
-                raise ValueError(f"metric {self.name!r} returned {type(out).__name__}, not a tensor or number") from exc
-        batch = logits.shape[0]
-        if out.ndim == 0 or (out.ndim == 1 and out.shape[0] == batch):
-            return out
-        raise ValueError(
-            f"metric {self.name!r} returned shape {tuple(out.shape)} for logits of shape "
-            f"{tuple(logits.shape)}; a metric must return a scalar or one value per prompt "
-            f"[batch={batch}] (e.g. reduce over the vocabulary and positions, then .mean() or not)"
-        )
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"metric {self.name!r} takes logits [batch, pos, vocab], got {shape}")
+        return metric_values(self.fn(logits), logits, self.name)
+
+    def check(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> torch.Tensor:
+        """:meth:`evaluate` on a full base run's logits, and proof that ``last_only`` holds.
+
+        Sweeps call this once on a base run before trusting a metric. A metric that declares
+        ``last_only`` but reads another position (e.g. ``logits[:, 0]``) would silently read the
+        last one when handed ``[batch, 1, vocab]``; this compares the two readings.
+
+        Raises:
+            ValueError: As :meth:`evaluate`, or ``last_only`` is declared but the metric's value on
+                the last position alone differs from its value on every position.
+        """
+        full = self.evaluate(logits)
+        if self.last_only and logits.shape[1] > 1:
+            last = self.evaluate(logits[:, -1:])
+            if last.shape != full.shape or not torch.allclose(
+                last.detach().float(), full.detach().float(), rtol=1e-4, atol=1e-5
+            ):
+                raise ValueError(
+                    f"metric {self.name!r} declares last_only=True but does not read only the last position: on the "
+                    "same run it gives different values from full logits and from logits[:, -1:]. Build it with "
+                    "last_only=False (it then gets every position), or read logits[:, -1]"
+                )
+        return full
 
     def scalar(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> torch.Tensor:
         """The metric averaged over the batch (a 0-d tensor)."""
@@ -88,9 +102,16 @@ class Metric:
 def as_metric(metric: Union[Metric, Callable[[torch.Tensor], Any]]) -> Metric:
     """A :class:`Metric` from a metric or a plain callable (which gets full logits)."""
     if isinstance(metric, Metric):
+        if not callable(metric.fn):
+            raise TypeError(
+                f"metric {metric.name!r}: fn must be callable (logits -> scalar or [batch]), "
+                f"got {type(metric.fn).__name__}"
+            )
+        if not isinstance(metric.last_only, bool):
+            raise TypeError(f"metric {metric.name!r}: last_only must be True or False, got {metric.last_only!r}")
         return metric
     if not callable(metric):
-        raise TypeError(f"a metric must be callable (logits -> scalar or [batch]), got {type(metric).__name__}")
+        raise TypeError(f"metric must be callable (logits -> scalar or [batch]), got {type(metric).__name__}")
     return Metric(metric, name=getattr(metric, "__name__", "metric"), last_only=False)
 
 
@@ -101,9 +122,16 @@ def answer_ids(model: Any, answers: AnswerLike, n: int) -> Int[torch.Tensor, " b
         ValueError: A string that is several tokens (with its pieces), or a count that is not ``n``.
     """
     if model is None:
-        if isinstance(answers, str) or (isinstance(answers, (list, tuple)) and any(isinstance(a, str) for a in answers)):
+        if isinstance(answers, str) or (
+            isinstance(answers, (list, tuple)) and any(isinstance(a, str) for a in answers)
+        ):
             raise ValueError("string answers need a model with a tokenizer; pass token ids instead")
-        ids = torch.as_tensor(answers, dtype=torch.long).flatten()
+        t = torch.as_tensor(answers)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"answers must be token ids (integers), got {answers!r}")
+        ids = t.long().flatten()
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"answers must be token ids >= 0, got {ids.tolist()}")
         if ids.numel() == 1 and n > 1:
             ids = ids.repeat(n)
         if ids.numel() != n:
@@ -114,12 +142,27 @@ def answer_ids(model: Any, answers: AnswerLike, n: int) -> Int[torch.Tensor, " b
     return to_answer_ids(model, answers, n)
 
 
+def _check_pos(pos: Any) -> Optional[Union[int, torch.Tensor]]:
+    """``pos`` as None, an int, or a 1-D long tensor (one position per prompt)."""
+    if pos is None:
+        return None
+    if isinstance(pos, torch.Tensor) and pos.ndim == 1:
+        if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+            raise TypeError(f"pos must hold whole numbers, got a {pos.dtype} tensor")
+        return pos.long()
+    return whole(pos, "pos")
+
+
 def _positions_index(logits: torch.Tensor, pos: Optional[Union[int, torch.Tensor]]) -> torch.Tensor:
     batch = torch.arange(logits.shape[0], device=logits.device)
     if pos is None:
         return logits[:, -1]
     if isinstance(pos, int):
+        if not -logits.shape[1] <= pos < logits.shape[1]:
+            raise ValueError(f"pos {pos} is out of range for logits of {logits.shape[1]} positions")
         return logits[:, pos]
+    if pos.shape[0] != logits.shape[0]:
+        raise ValueError(f"pos has {pos.shape[0]} positions but the logits have {logits.shape[0]} prompts")
     return logits[batch, pos.to(logits.device)]
 
 
@@ -148,8 +191,10 @@ def logit_diff(
         >>> m = logit_diff(model, " Mary", " John")          # doctest: +SKIP
         >>> m(model(model.to_tokens("When Mary and John went to the store, John gave a drink to")))  # doctest: +SKIP
     """
-    c = _as_ids(model, correct)
-    w = _as_ids(model, wrong)
+    pos = _check_pos(pos)
+    _check_bool(per_prompt, "per_prompt")
+    c = _as_ids(model, correct, "correct")
+    w = _as_ids(model, wrong, "wrong")
     n = max(c.numel(), w.numel())
     c = answer_ids(None, c, n)
     w = answer_ids(None, w, n)
@@ -175,7 +220,9 @@ def answer_prob(
         pos: Position to read (see :func:`logit_diff`).
         per_prompt: Return ``[batch]`` (default) or the batch mean.
     """
-    a = _as_ids(model, answer)
+    pos = _check_pos(pos)
+    _check_bool(per_prompt, "per_prompt")
+    a = _as_ids(model, answer, "answer")
 
     def fn(logits: torch.Tensor) -> torch.Tensor:
         at = _positions_index(logits, pos).float()
@@ -204,6 +251,15 @@ def normalised(metric: Union[Metric, Callable], clean_value: float, corrupted_va
         ValueError: The clean and corrupted values are (nearly) equal: nothing to normalise by.
     """
     m = as_metric(metric)
+    for name, v in (("clean_value", clean_value), ("corrupted_value", corrupted_value)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float, torch.Tensor))
+            or (isinstance(v, torch.Tensor) and v.numel() != 1)
+        ):
+            raise TypeError(f"{name} must be a number (the metric on that run), got {v!r}")
+        if not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be finite, got {float(v)}")
     clean_value, corrupted_value = float(clean_value), float(corrupted_value)
     span = clean_value - corrupted_value
     if abs(span) < 1e-8:
@@ -211,16 +267,37 @@ def normalised(metric: Union[Metric, Callable], clean_value: float, corrupted_va
             f"cannot normalise {m.name!r}: the clean ({clean_value:.4g}) and corrupted ({corrupted_value:.4g}) "
             "runs score the same; pick prompts or a metric that tells them apart"
         )
-    return Metric(lambda logits: (m.fn(logits) - corrupted_value) / span, name=f"normalised {m.name}", last_only=m.last_only)
+    return Metric(
+        lambda logits: (m.fn(logits) - corrupted_value) / span, name=f"normalised {m.name}", last_only=m.last_only
+    )
 
 
-def _as_ids(model: Any, answers: AnswerLike) -> torch.Tensor:
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _as_ids(model: Any, answers: AnswerLike, name: str = "answers") -> torch.Tensor:
+    if not isinstance(answers, (torch.Tensor, str)) and hasattr(answers, "__array__"):  # numpy
+        answers = torch.as_tensor(answers)
     if isinstance(answers, torch.Tensor):
         if answers.ndim > 1:
-            raise ValueError(f"answers must be one token per prompt ([batch]), got shape {tuple(answers.shape)}")
+            raise ValueError(f"{name} must be one token per prompt ([batch]), got shape {tuple(answers.shape)}")
+        if answers.is_floating_point() or answers.is_complex() or answers.dtype == torch.bool:
+            raise TypeError(f"{name} must be token ids (integers), got a {answers.dtype} tensor")
+        if answers.numel() == 0:
+            raise ValueError(f"{name} is empty; give one answer, or one per prompt")
         return answers.long().flatten()
-    if isinstance(answers, (str, int)):
+    if isinstance(answers, (str, int)) and not isinstance(answers, bool):
         return answer_ids(model, answers, 1)
+    if isinstance(answers, (bool, float)) or not isinstance(answers, Sequence):
+        raise TypeError(f"{name} must be token ids or one-token strings, got {answers!r} ({type(answers).__name__})")
+    for a in answers:
+        if not isinstance(a, str):
+            whole(a, f"{name} (a token id)")
+    if len(answers) == 0:
+        raise ValueError(f"{name} is empty; give one answer, or one per prompt")
     return answer_ids(model, list(answers), len(answers))
 
 

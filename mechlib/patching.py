@@ -32,14 +32,21 @@ On grouped-query models (SmolLM2: 9 query heads, 3 KV heads) keys and values exi
 so ``k``/``v`` grids have a ``kv_head`` axis of ``n_key_value_heads`` entries (as in
 ``transformer_lens.patching``); a KV head feeds ``n_heads / n_kv_heads`` query heads.
 
-Speed. Sweeps run on :mod:`mechlib.engine` when the model can be mirrored: the two base runs are
-cached once; every patch resumes from the base run at the patched layer and position (the layers
-below and the positions before it are exact to reuse: attention is causal), and many patches
-(cells x prompts) share one forward call as rows of a batch. Cells are grouped by (position,
-layer); small groups merge with the next layers until a call has ``min_rows`` rows. When the metric
-declares ``last_only`` only the last position is unembedded. Models the engine cannot mirror fall
-back to the bridge's hooks (same batching, no reuse). Results match
-``transformer_lens.patching.get_act_patch_*`` to float rounding (``tests/test_patching.py``).
+Execution. A sweep is a list of interventions per cell (:mod:`mechlib.interventions`: the cell's
+site set from the source run, ``Patch``) handed to a backend (:mod:`mechlib.backends`), which
+batches the lists as rows of few forward calls. ``backend="auto"`` runs on :mod:`mechlib.engine`
+when it mirrors the model: the two base runs are cached once, every call resumes from the base run
+at its earliest patched layer and position (exact: attention is causal), cells are grouped by
+(position, layer) and small groups merge with the next layers until a call has ``min_rows`` rows,
+and with a ``last_only`` metric only the last position is unembedded. Other models run on the
+bridge's hooks (same batching, no reuse); ``backend="nnsight"`` runs any Hugging Face model
+through nnsight, locally or on NDIF. ``result.meta["backend"]`` names the one used. Results match
+``transformer_lens.patching.get_act_patch_*`` to float rounding (``tests/test_patching.py``), on
+every backend (``tests/test_backends.py``).
+
+Error bars. With a metric that returns one value per prompt, results keep ``per_prompt``
+``[prompt, *grid]``; ``result.stderr()`` and ``result.ci(0.95)`` are grids of standard errors and
+bootstrap intervals over prompts, and ``result.plot_top(k)`` draws the top cells with them.
 
 Example:
     >>> from mechlib.ioi import make_ioi_dataset                                # doctest: +SKIP
@@ -52,16 +59,19 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 
-from mechlib.engine import BaseRun, EditContext, get_engine
+from mechlib import validate
+from mechlib.backends import Backend, Runs, backend_arg, get_backend
+from mechlib.engine import get_engine
+from mechlib.interventions import Intervention, Patch, Site, point_of_hook
 from mechlib.metrics import Metric, as_metric
 from mechlib.results import Grid, head_label
+from mechlib.stats import Estimate, mean_ci
 
 __all__ = [
     "TARGETS",
@@ -72,14 +82,13 @@ __all__ = [
     "check_pair",
     "check_layers",
     "check_heads",
-    "Runner",
+    "patch_lists",
+    "base_runs",
     "head_attention",
     "evaluate_circuit",
     "CircuitScore",
 ]
 
-# Floats of logits one call may hold when a metric needs every position (rows x pos x vocab).
-_MAX_LOGIT_FLOATS = 6e7
 _DIRECTIONS = ("denoise", "noise")
 
 
@@ -99,6 +108,11 @@ class Target:
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.{self.hook}"
+
+    @property
+    def point(self) -> str:
+        """The :mod:`mechlib.interventions` point of the hook (``"z"``, ``"resid_pre"``, ...)."""
+        return point_of_hook(self.hook_name(0))[0].name
 
     @property
     def has_head(self) -> bool:
@@ -136,13 +150,103 @@ TARGETS: dict[str, Target] = {
 # ---- results ---------------------------------------------------------------------------------
 
 
+@dataclass(repr=False, eq=False)
 class PatchResult(Grid):
     """A patching grid: a :class:`~mechlib.results.Grid` that knows its clean/corrupted scores.
 
     Cells a sweep did not compute (``layers=``/``heads=``/``positions=`` subsets) are NaN and
     ignored by :meth:`top`. ``meta`` holds ``clean``, ``corrupted`` (raw metric values),
-    ``direction``, ``target``, ``normalised``.
+    ``direction``, ``target``, ``normalised``, ``backend`` (the one that ran it).
+
+    ``per_prompt`` ``[prompt, *grid]`` holds each prompt's value on the grid's scale (their mean
+    is ``values``) when the metric returns one value per prompt; :meth:`stderr` and :meth:`ci`
+    turn it into error bars over prompts, :meth:`plot_top` draws the top cells with them.
+
+    Example:
+        >>> g = patch(model, clean, corrupted, metric, "head_out")                 # doctest: +SKIP
+        >>> low, high = g.ci(0.95)                                                 # doctest: +SKIP
+        >>> g.plot_top(8)                                                          # doctest: +SKIP
     """
+
+    per_prompt: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_prompt is not None:
+            self.per_prompt = torch.as_tensor(self.per_prompt).detach().cpu()
+            if tuple(self.per_prompt.shape[1:]) != tuple(self.values.shape):
+                raise ValueError(
+                    f"per_prompt must be [prompt, *{tuple(self.values.shape)}], got {tuple(self.per_prompt.shape)}"
+                )
+
+    def _need_prompts(self) -> torch.Tensor:
+        if self.per_prompt is None:
+            raise ValueError(
+                "this result has no per-prompt values: its metric returned one number per batch; "
+                "use a metric that returns [batch] values (every mechlib.metrics builder does)"
+            )
+        return self.per_prompt
+
+    def _like(self, values: torch.Tensor, what: str) -> Grid:
+        return Grid(values, self.dims, self.labels, f"{self.title} ({what})", self.metric, dict(self.meta))
+
+    def stderr(self) -> Grid:
+        """Standard error of each cell's mean over prompts (TransformerLens's ``standard_error``)."""
+        from transformer_lens.utilities.statistics import standard_error
+
+        per = self._need_prompts()
+        if per.shape[0] < 2:
+            return self._like(torch.full_like(self.values, float("nan")), "standard error")
+        return self._like(standard_error(per.double(), dim=0).float(), "standard error")
+
+    def ci(self, confidence: float = 0.95, *, n_resamples: int = 1000, seed: int = 0) -> tuple[Grid, Grid]:
+        """Percentile-bootstrap interval of each cell's mean over prompts, as ``(low, high)`` grids.
+
+        Uses TransformerLens's ``bootstrap_ci`` (as :func:`mechlib.stats.mean_ci` does), vectorised
+        over cells; one prompt gives a zero-width interval; NaN cells stay NaN.
+        """
+        from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
+
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        per = self._need_prompts()
+        if per.shape[0] == 1:
+            return self._like(per[0], "low"), self._like(per[0], "high")
+        lo, hi = bootstrap_ci(
+            per.double(),
+            dim=0,
+            confidence=confidence,
+            n_resamples=n_resamples,
+            generator=derive_generator(seed, "patch_ci"),
+        )
+        pct = f"{round(confidence * 100)}% CI"
+        return self._like(lo.float(), f"{pct} low"), self._like(hi.float(), f"{pct} high")
+
+    def plot_top(self, k: int = 10, *, confidence: float = 0.95, absolute: bool = True, ax: Optional[Any] = None):
+        """Bar chart of the ``k`` top cells with their confidence intervals over prompts."""
+        import matplotlib.pyplot as plt
+
+        top = self.top(k, absolute=absolute)
+        lo, hi = self.ci(confidence)
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(top) + 1.5), 3.2))
+        vals = [v for _, v in top]
+        idx = [tuple(c.values()) for c, _ in top]
+        err = [
+            [v - float(lo.values[i]) for v, i in zip(vals, idx)],
+            [float(hi.values[i]) - v for v, i in zip(vals, idx)],
+        ]
+        ax.bar(range(len(top)), vals, yerr=err, capsize=3)
+        ax.set_xticks(range(len(top)), [self.label(**c) for c, _ in top], rotation=60, fontsize=7)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_ylabel(self.metric)
+        ax.set_title(
+            f"{self.title}: top {len(top)} ({round(confidence * 100)}% CI over {self.per_prompt.shape[0]} prompts)"
+        )
+        return ax.figure
+
+    def __repr__(self) -> str:
+        return Grid.__repr__(self)
 
     def label(self, **coords: int) -> str:
         if set(coords) == {"layer", "kv_head"}:
@@ -155,11 +259,15 @@ class PatchResult(Grid):
             raise ValueError(f"heads() flattens a layer x head x pos grid; this one is {self.dims}")
         L, H, P = self.values.shape
         hname = self.dims[1]
-        rows = [
-            (f"L{l}KV{h}" if hname == "kv_head" else head_label(l, h)) for l in range(L) for h in range(H)
-        ]
-        return Grid(self.values.reshape(L * H, P), ("head", "pos"), {"head": rows, "pos": self.labels["pos"]},
-                    self.title, self.metric, self.meta)
+        rows = [(f"L{l}KV{h}" if hname == "kv_head" else head_label(l, h)) for l in range(L) for h in range(H)]
+        return Grid(
+            self.values.reshape(L * H, P),
+            ("head", "pos"),
+            {"head": rows, "pos": self.labels["pos"]},
+            self.title,
+            self.metric,
+            self.meta,
+        )
 
     def plot(self, ax: Optional[Any] = None, **kw: Any):
         """Heatmap; a layer x head x pos grid is drawn as one (layer, head) row per head."""
@@ -168,8 +276,14 @@ class PatchResult(Grid):
             keep = ~torch.isnan(g.values).all(dim=1)
             if not keep.all():
                 idx = keep.nonzero().flatten().tolist()
-                g = Grid(g.values[idx], g.dims, {"head": [g.labels["head"][i] for i in idx], "pos": g.labels["pos"]},
-                         g.title, g.metric, g.meta)
+                g = Grid(
+                    g.values[idx],
+                    g.dims,
+                    {"head": [g.labels["head"][i] for i in idx], "pos": g.labels["pos"]},
+                    g.title,
+                    g.metric,
+                    g.meta,
+                )
             fig = g.plot(ax=ax, **kw)
             a = fig.axes[0] if ax is None else ax
             if g.values.shape[0] <= 60:
@@ -181,51 +295,28 @@ class PatchResult(Grid):
 # ---- input checks ----------------------------------------------------------------------------
 
 
-def check_pair(clean: torch.Tensor, corrupted: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless clean and corrupted are token tensors of one shape ``[batch, pos]``."""
-    for name, t in (("clean", clean), ("corrupted", corrupted)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} tokens must be a [batch, pos] tensor, got {shape}; use model.to_tokens(prompts)")
-    if clean.shape != corrupted.shape:
-        raise ValueError(
-            f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} differ in shape; "
-            "patching pairs them row by row and position by position, so build prompts of equal token length "
-            "(e.g. mechlib.ioi.make_ioi_dataset)"
-        )
+def check_pair(clean: Any, corrupted: Any, model: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mechlib.validate.token_pair`: clean and corrupted ``[batch, pos]`` id tensors of one shape."""
+    return validate.token_pair(clean, corrupted, model)
 
 
 def check_layers(model: Any, layers: Optional[Iterable[int]]) -> list[int]:
-    n = model.cfg.n_layers
-    if layers is None:
-        return list(range(n))
-    out = sorted({int(l) for l in layers})
-    bad = [l for l in out if not 0 <= l < n]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range: this model has layers 0..{n - 1}")
-    return out
+    """:func:`mechlib.validate.layer_list`: every layer for ``None``, else sorted unique checked ints."""
+    return validate.layer_list(model, layers)
 
 
 def check_heads(model: Any, heads: Optional[Iterable[int]], kv: bool = False) -> list[int]:
-    n = _n_kv(model) if kv else model.cfg.n_heads
-    if heads is None:
-        return list(range(n))
-    out = sorted({int(h) for h in heads})
-    bad = [h for h in out if not 0 <= h < n]
-    if bad:
-        what = "key/value heads" if kv else "heads"
-        raise ValueError(f"head(s) {bad} out of range: this model has {n} {what} per layer (0..{n - 1})")
-    return out
+    """:func:`mechlib.validate.head_list`: every (KV) head for ``None``, else sorted unique checked ints."""
+    return validate.head_list(model, heads, kv=kv)
 
 
-def _n_kv(model: Any) -> int:
-    return int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+_n_kv = validate.n_kv_heads
 
 
 def _target(name: Union[str, Target], model: Any) -> Target:
     if isinstance(name, Target):
         return name
-    if name not in TARGETS:
+    if not isinstance(name, str) or name not in TARGETS:
         raise KeyError(f"unknown patching target {name!r}; choose one of {sorted(TARGETS)}")
     t = TARGETS[name]
     if t.hook in ("hook_resid_mid", "hook_mlp_out") and getattr(model.cfg, "attn_only", False):
@@ -236,6 +327,8 @@ def _target(name: Union[str, Target], model: Any) -> Target:
 def _pos_labels(model: Any, tokens: torch.Tensor, given: Optional[Sequence[str]]) -> list[str]:
     n = tokens.shape[1]
     if given is not None:
+        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+            raise TypeError(f"pos_labels must be a list with one label per position, got {type(given).__name__}")
         if len(given) != n:
             raise ValueError(f"pos_labels has {len(given)} entries for {n} positions")
         return [str(x) for x in given]
@@ -247,91 +340,7 @@ def _pos_labels(model: Any, tokens: torch.Tensor, given: Optional[Sequence[str]]
     return [str(i) for i in range(n)]
 
 
-# ---- running: the engine, or the bridge's hooks ----------------------------------------------
-
-
-@dataclass
-class Cached:
-    """A base run: tokens, logits, the activations a sweep needs, and the engine's run if any."""
-
-    tokens: torch.Tensor
-    logits: torch.Tensor
-    acts: dict[str, torch.Tensor]
-    run: Optional[BaseRun] = None
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.acts[name]
-
-
-class Runner:
-    """Runs a model with edits, on the engine (resuming from a base run) or the bridge's hooks.
-
-    Edits are ``{hook: fn(act, ctx) -> act | None}`` as in :mod:`mechlib.engine`: ``act`` covers
-    positions ``ctx.start_pos..`` (always 0 on the bridge) of the rows ``ctx.base_index``.
-    """
-
-    def __init__(self, model: Any, use_engine: bool = True) -> None:
-        self.model = model
-        self.engine = get_engine(model) if use_engine else None
-
-    def check_hooks(self, names: Iterable[str]) -> None:
-        names = list(names)
-        if self.engine is not None:
-            self.engine.check_hook_names(names)
-            return
-        valid = set(self.model.hook_dict) if hasattr(self.model, "hook_dict") else None
-        if valid is not None:
-            bad = [n for n in names if n not in valid]
-            if bad:
-                raise KeyError(f"hook name(s) {bad} do not exist on this model; e.g. 'blocks.0.attn.hook_z'")
-
-    def cache(self, tokens: torch.Tensor, hooks: Iterable[str]) -> Cached:
-        hooks = set(hooks)
-        if self.engine is not None:
-            keep = hooks | {f"blocks.{l}.hook_resid_pre" for l in range(self.model.cfg.n_layers)}
-            keep.add(f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post")
-            run = self.engine.run(tokens, keep=keep)
-            return Cached(run.tokens, run.logits, run.acts, run)
-        with torch.no_grad():
-            logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
-        return Cached(tokens, logits, {k: cache[k] for k in hooks if k in cache.keys()})
-
-    def resume(
-        self,
-        base: Cached,
-        start_layer: int,
-        start_pos: int,
-        edits: dict[str, Callable],
-        base_index: torch.Tensor,
-        last_only: bool,
-        stop_layer: Optional[int] = None,
-    ) -> Optional[torch.Tensor]:
-        """Patched logits ``[rows, pos, vocab]``, or ``[rows, 1, vocab]`` with ``last_only``.
-
-        With ``stop_layer`` the engine runs blocks below it only and returns ``None`` (for edits
-        that record activations); the bridge runs the whole model.
-        """
-        if self.engine is not None:
-            out = self.engine.resume(base.run, start_layer, start_pos, edits=edits, base_index=base_index,
-                                     last_only=last_only, stop_layer=stop_layer)
-            if out is None:
-                return None
-            return out[:, None] if last_only else out
-        hooks = []
-        for name, fn in edits.items():
-            layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
-
-            def hook(act, hook=None, fn=fn, name=name, layer=layer):
-                out = fn(act, EditContext(name, layer, 0, base_index))
-                return act if out is None else out
-
-            hooks.append((name, hook))
-        with torch.no_grad():
-            logits = self.model.run_with_hooks(base.tokens[base_index], fwd_hooks=hooks)
-        return logits[:, -1:] if last_only else logits
-
-
-# ---- the sweep -------------------------------------------------------------------------------
+# ---- running: intervention lists on a backend ------------------------------------------------
 
 
 @dataclass
@@ -354,82 +363,36 @@ def _cells(t: Target, layers: list[int], heads: list[int], positions: list[int])
     return cells
 
 
-def _groups(cells: list[_Cell], batch: int, min_rows: int, max_rows: int, reuse_pos: bool) -> list[list[_Cell]]:
-    """Cells in calls: same start position; consecutive layers merge until ``min_rows`` rows."""
-    by_start: dict[int, list[_Cell]] = {}
-    for c in cells:
-        by_start.setdefault((c.pos or 0) if reuse_pos else 0, []).append(c)
-    groups: list[list[_Cell]] = []
-    for sp in sorted(by_start):
-        layer_cells: dict[int, list[_Cell]] = {}
-        for c in by_start[sp]:
-            layer_cells.setdefault(c.layer, []).append(c)
-        current: list[_Cell] = []
-        for l in sorted(layer_cells):
-            for c in layer_cells[l]:
-                if current and (len(current) + 1) * batch > max_rows:
-                    groups.append(current)
-                    current = []
-                current.append(c)
-            if len(current) * batch >= min_rows:
-                groups.append(current)
-                current = []
-        if current:
-            groups.append(current)
-    return groups
-
-
-def _patch_edit(t: Target, cells: list[tuple[int, Optional[int], Optional[int]]], src: torch.Tensor, batch: int):
-    """An edit writing ``src`` (the source run's activation) into each cell's rows."""
-
-    def edit(act: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        sp = ctx.start_pos
-        out = act.clone()
-        for r0, head, pos in cells:
-            rows = slice(r0, r0 + batch)
-            if t.kind == "resid":
-                out[rows, pos - sp] = src[:, pos]
-            elif t.kind == "head":
-                if pos is None:
-                    out[rows, :, head] = src[:, sp:, head]
-                else:
-                    out[rows, pos - sp, head] = src[:, pos, head]
-            else:  # pattern [batch, head, query, key]
-                if pos is None:
-                    out[rows, head] = src[:, head, sp:]
-                else:
-                    out[rows, head, pos - sp] = src[:, head, pos]
-        return out
-
-    return edit
-
-
-def _metric_rows(metric: Metric, logits: torch.Tensor, n_cells: int, batch: int) -> torch.Tensor:
-    vals = []
-    for c in range(n_cells):
-        out = metric.evaluate(logits[c * batch : (c + 1) * batch])
-        vals.append(out.float().mean() if out.ndim else out.float())
-    return torch.stack(vals)
+def patch_lists(t: Target, cells: Sequence[_Cell], source: str) -> list[list[Intervention]]:
+    """One intervention list per cell: the cell's site set from the ``source`` run."""
+    return [
+        [
+            Intervention(
+                Site(t.point, c.layer, head=c.head, positions=None if c.pos is None else (c.pos,)), Patch(source)
+            )
+        ]
+        for c in cells
+    ]
 
 
 def base_runs(
-    runner: Runner, clean: torch.Tensor, corrupted: torch.Tensor, hooks: Iterable[str], direction: str
-) -> tuple[Cached, Cached, Cached, Cached]:
-    """``(clean, corrupted, base, source)`` cached runs for a direction."""
+    be: Backend, clean: torch.Tensor, corrupted: torch.Tensor, hooks: Iterable[str], direction: str
+) -> tuple[Runs, str, str]:
+    """The clean and corrupted runs cached on ``be``, and the names of the base and source runs."""
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    hooks = list(hooks)
-    runner.check_hooks(hooks)
-    c = runner.cache(clean, hooks)
-    k = runner.cache(corrupted, hooks)
-    base, source = (k, c) if direction == "denoise" else (c, k)
-    return c, k, base, source
+    runs = be.cache({"clean": clean, "corrupted": corrupted}, hooks)
+    base, source = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
+    return runs, base, source
 
 
-def _scale(metric: Metric, clean: Cached, corrupted: Cached, normalise: bool) -> tuple[float, float, float, float]:
+def _scale(metric: Metric, runs: Runs, normalise: bool) -> tuple[float, float, float, float]:
     """Clean and corrupted metric values, and the affine map (offset, span) to report in."""
-    vc = float(metric.scalar(clean.logits[:, -1:] if metric.last_only else clean.logits))
-    vk = float(metric.scalar(corrupted.logits[:, -1:] if metric.last_only else corrupted.logits))
+    clean, corrupted = runs.logits["clean"], runs.logits["corrupted"]
+    metric.check(clean)  # a finite float metric whose last_only claim holds, before any sweep
+    metric.check(corrupted)
+    vc = float(metric.scalar(clean[:, -1:] if metric.last_only else clean))
+    vk = float(metric.scalar(corrupted[:, -1:] if metric.last_only else corrupted))
     if not normalise:
         return vc, vk, 0.0, 1.0
     span = vc - vk
@@ -439,6 +402,20 @@ def _scale(metric: Metric, clean: Cached, corrupted: Cached, normalise: bool) ->
             f"{metric.name!r}; pass normalise=False or prompts the metric tells apart"
         )
     return vc, vk, vk, span
+
+
+def _scatter(
+    values: torch.Tensor, cells: Sequence[Any], shape: Sequence[int], offset: float, span: float
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Grid of scaled means, and ``[prompt, *grid]`` scaled per-prompt values (``None`` for scalar metrics)."""
+    grid = torch.full(tuple(shape), float("nan"))
+    per = torch.full((values.shape[1], *shape), float("nan")) if values.ndim == 2 else None
+    for cell, v in zip(cells, values):
+        idx = cell.index if hasattr(cell, "index") else cell
+        grid[idx] = (float(v.mean()) - offset) / span
+        if per is not None:
+            per[(slice(None), *idx)] = (v - offset) / span
+    return grid, per
 
 
 def patch(
@@ -457,7 +434,8 @@ def patch(
     min_rows: int = 32,
     max_rows: Optional[int] = None,
     pos_labels: Optional[Sequence[str]] = None,
-    use_engine: bool = True,
+    backend: Union[str, Backend] = "auto",
+    use_engine: Optional[bool] = None,
 ) -> PatchResult:
     """Activation-patching sweep of one target over layers (x heads) (x positions).
 
@@ -481,59 +459,63 @@ def patch(
         max_rows: Most rows per call (default: 4096, or what fits 60M logit floats when the metric
             needs every position).
         pos_labels: Labels of the position axis (default: the first prompt's string tokens).
-        use_engine: Use the engine when the model supports it (``False``: the bridge's hooks).
+        backend: ``"auto"`` (the engine where it mirrors the model, else the bridge), ``"engine"``,
+            ``"bridge"``, ``"nnsight"`` or a :class:`~mechlib.backends.Backend`
+            (:mod:`mechlib.backends`); the one used is ``result.meta["backend"]``.
+        use_engine: Deprecated: ``False`` is ``backend="bridge"``.
 
     Returns:
-        A :class:`PatchResult` with axes ``Target.dims()``.
+        A :class:`PatchResult` with axes ``Target.dims()``; ``per_prompt`` holds each prompt's
+        value (``stderr()``, ``ci()`` give error bars over prompts).
 
     Raises:
         ValueError: Token shapes differ, layer/head/position out of range, a metric of the wrong
             output shape, an unknown direction.
         KeyError: An unknown target.
     """
-    check_pair(clean, corrupted)
+    clean, corrupted = validate.token_pair(clean, corrupted, model)
     t = _target(target, model)
     metric = as_metric(metric)
+    validate.choice(direction, "direction", _DIRECTIONS)
     B, T = clean.shape
-    layers_ = check_layers(model, layers)
-    heads_ = check_heads(model, heads, kv=t.kv) if t.has_head else []
-    if positions is None:
-        positions_ = list(range(T))
-    else:
-        positions_ = sorted({int(p) % T if -T <= int(p) < 0 else int(p) for p in positions})
-        bad = [p for p in positions_ if not 0 <= p < T]
-        if bad:
-            raise ValueError(f"position(s) {bad} out of range for prompts of {T} tokens")
+    layers_ = validate.layer_list(model, layers)
+    if heads is not None and not t.has_head:
+        raise ValueError(
+            f"heads: target {t.name!r} has no head axis (it patches the whole residual/layer output); "
+            "leave heads=None, or patch a head target such as 'head_out_by_pos'"
+        )
+    heads_ = validate.head_list(model, heads, kv=t.kv) if t.has_head else []
     if positions is not None and not t.by_pos:
         raise ValueError(f"target {t.name!r} patches all positions at once; use {t.name + '_by_pos'!r} for positions")
-    runner = Runner(model, use_engine)
+    positions_ = validate.position_list(T, positions)
+    for flag, value in (("normalise", normalise), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    min_rows = validate.whole(min_rows, "min_rows", minimum=1)
+    if max_rows is not None:
+        max_rows = validate.whole(max_rows, "max_rows", minimum=1)
+    be = get_backend(model, backend_arg(backend, use_engine, "patch"))
     hooks = {t.hook_name(l) for l in layers_}
-    c, k, base, source = base_runs(runner, clean.to(_device(model)), corrupted.to(_device(model)), hooks, direction)
-    vc, vk, offset, span = _scale(metric, c, k, normalise)
+    runs, base, source = base_runs(be, clean, corrupted, hooks, direction)
+    vc, vk, offset, span = _scale(metric, runs, normalise)
     # Check the metric's output shape once, up front, on the base run.
-    metric.evaluate(base.logits[:, -1:] if metric.last_only else base.logits)
+    metric.evaluate(runs.logits[base][:, -1:] if metric.last_only else runs.logits[base])
 
-    if max_rows is None:
-        max_rows = 4096 if metric.last_only else max(B, int(_MAX_LOGIT_FLOATS // (T * model.cfg.d_vocab)))
-    max_rows = max(max_rows, B)
     cells = _cells(t, layers_, heads_, positions_)
-    groups = _groups(cells, B, min_rows, max_rows, reuse_pos=runner.engine is not None)
-
+    out = be.run(
+        runs,
+        patch_lists(t, cells, source),
+        base=base,
+        score=metric.evaluate,
+        last_only=metric.last_only,
+        progress=progress,
+        min_rows=min_rows,
+        max_rows=max_rows,
+        desc=f"patch {t.name} ({direction})",
+    )
     n_heads = (_n_kv(model) if t.kv else model.cfg.n_heads) if t.has_head else None
     shape = [model.cfg.n_layers] + ([n_heads] if t.has_head else []) + ([T] if t.by_pos else [])
-    values = torch.full(shape, float("nan"))
-    for group in tqdm(groups, desc=f"patch {t.name} ({direction})", disable=not progress):
-        start_layer = min(cell.layer for cell in group)
-        start_pos = min((cell.pos or 0) for cell in group) if runner.engine is not None else 0
-        per_hook: dict[str, list] = {}
-        for i, cell in enumerate(group):
-            per_hook.setdefault(t.hook_name(cell.layer), []).append((i * B, cell.head, cell.pos))
-        edits = {name: _patch_edit(t, cs, source[name], B) for name, cs in per_hook.items()}
-        base_index = torch.arange(B).repeat(len(group))
-        logits = runner.resume(base, start_layer, start_pos, edits, base_index, metric.last_only)
-        got = _metric_rows(metric, logits, len(group), B)
-        for cell, v in zip(group, got.tolist()):
-            values[cell.index] = (v - offset) / span
+    values, per_prompt = _scatter(out.values, cells, shape, offset, span)
 
     dims = t.dims()
     labels: dict[str, list[str]] = {"pos": _pos_labels(model, clean, pos_labels)} if t.by_pos else {}
@@ -544,8 +526,17 @@ def patch(
         labels,
         title=f"patching {t.name} ({what})",
         metric=("normalised " if normalise else "") + metric.name,
-        meta={"clean": vc, "corrupted": vk, "direction": direction, "target": t.name, "normalised": normalise,
-              "n_prompts": B, "calls": len(groups)},
+        meta={
+            "clean": vc,
+            "corrupted": vk,
+            "direction": direction,
+            "target": t.name,
+            "normalised": normalise,
+            "n_prompts": B,
+            "calls": out.calls,
+            "backend": be.name,
+        },
+        per_prompt=per_prompt,
     )
 
 
@@ -558,14 +549,8 @@ def patch_many(
     **kwargs: Any,
 ) -> dict[str, PatchResult]:
     """:func:`patch` for several targets, as ``{target: PatchResult}``."""
+    targets = validate.str_list(targets, "targets")
     return {t: patch(model, clean, corrupted, metric, t, **kwargs) for t in targets}
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except Exception:
-        return torch.device("cpu")
 
 
 # ---- helpers for reading circuits out of patching results ------------------------------------
@@ -595,19 +580,16 @@ def head_attention(
         >>> head_attention(model, ds.tokens, ["L23H0"], ds.pos("END"),
         ...                {"IO": ds.pos("IO"), "S2": ds.pos("S2")})             # doctest: +SKIP
     """
-    from mechlib.results import parse_head
-
-    hs = [parse_head(h) for h in heads]
-    for l, h in hs:
-        if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
-            raise ValueError(f"head L{l}H{h} out of range ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads)")
+    tokens = validate.token_tensor(tokens, model)
+    hs = validate.head_specs(model, heads)
     B = tokens.shape[0]
     idx = torch.arange(B)
 
-    def as_pos(p):
-        return torch.full((B,), int(p)) if isinstance(p, int) else torch.as_tensor(p).long()
-
-    q = as_pos(query)
+    if not isinstance(keys, dict) or not keys:
+        raise TypeError(f"keys must be a non-empty {{name: position(s)}} dict, got {keys!r}")
+    T = tokens.shape[1]
+    q = validate.prompt_positions(query, B, T, "query")
+    key_pos = {k: validate.prompt_positions(v, B, T, f"keys[{k!r}]") for k, v in keys.items()}
     names = {f"blocks.{l}.attn.hook_pattern" for l, _ in hs}
     engine = get_engine(model)
     if engine is not None:
@@ -618,11 +600,16 @@ def head_attention(
     per = torch.zeros(len(hs), len(keys), B)
     for i, (l, h) in enumerate(hs):
         pat = acts[f"blocks.{l}.attn.hook_pattern"][idx, h, q].float().cpu()  # [B, key]
-        for j, kp in enumerate(keys.values()):
-            per[i, j] = pat[idx, as_pos(kp)]
-    return Grid(per.mean(-1), ("head", "key"), {"head": [head_label(l, h) for l, h in hs], "key": list(keys)},
-                title="attention from the query position", metric="attention probability",
-                meta={"per_prompt": per})
+        for j, kp in enumerate(key_pos.values()):
+            per[i, j] = pat[idx, kp]
+    return Grid(
+        per.mean(-1),
+        ("head", "key"),
+        {"head": [head_label(l, h) for l, h in hs], "key": list(keys)},
+        title="attention from the query position",
+        metric="attention probability",
+        meta={"per_prompt": per},
+    )
 
 
 @dataclass
@@ -635,20 +622,39 @@ class CircuitScore:
         circuit_value: The metric with every head outside the circuit mean-ablated.
         faithfulness: ``circuit_value / model_value`` (1 = the circuit alone does it all).
         per_prompt: The circuit's metric per prompt.
+        model_per_prompt: The intact model's metric per prompt.
+        meta: ``backend`` (the one that ran it).
     """
 
     heads: list[str]
     model_value: float
     circuit_value: float
     per_prompt: torch.Tensor
+    model_per_prompt: Optional[torch.Tensor] = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def faithfulness(self) -> float:
         return self.circuit_value / self.model_value
 
+    def stderr(self) -> float:
+        """Standard error over prompts of the circuit's metric."""
+        return self.ci().stderr
+
+    def ci(self, confidence: float = 0.95) -> Estimate:
+        """The circuit's metric with its bootstrap interval over prompts (:func:`mechlib.stats.mean_ci`)."""
+        return mean_ci(self.per_prompt, confidence=confidence, name="circuit metric per prompt")
+
+    def faithfulness_ci(self, confidence: float = 0.95) -> Estimate:
+        """Faithfulness with its interval over prompts, the intact model's mean held fixed as the unit
+        (per-prompt circuit metric / ``model_value``; its mean is :attr:`faithfulness`)."""
+        return mean_ci(self.per_prompt / self.model_value, confidence=confidence, name="faithfulness per prompt")
+
     def __repr__(self) -> str:
-        return (f"CircuitScore({len(self.heads)} heads: metric {self.circuit_value:.3f} of {self.model_value:.3f}, "
-                f"faithfulness {self.faithfulness:.2f})")
+        return (
+            f"CircuitScore({len(self.heads)} heads: metric {self.circuit_value:.3f} of {self.model_value:.3f}, "
+            f"faithfulness {self.faithfulness:.2f})"
+        )
 
 
 def evaluate_circuit(
@@ -659,26 +665,40 @@ def evaluate_circuit(
     *,
     reference: Int[torch.Tensor, "batch pos"],
     groups: Optional[Sequence[Any]] = None,
+    backend: Union[str, Backend] = "auto",
 ) -> CircuitScore:
     """Mean-ablate every head outside ``heads`` and score what is left (IOI paper, section 4).
 
     The means come from ``reference`` (the ABC distribution for IOI: ``ds.corrupted_tokens``),
     per position and per group (``groups``: e.g. ``ds.template_ids.tolist()``, so each prompt
     gets its own template's mean), through :mod:`mechlib.ablation`. MLPs and the embeddings stay.
+    The ablation is one intervention list (:func:`mechlib.ablation.ablation_interventions`) run on
+    ``backend`` (see :func:`patch`).
 
     Returns:
-        A :class:`CircuitScore`; ``faithfulness`` = circuit metric / full-model metric.
+        A :class:`CircuitScore`; ``faithfulness`` = circuit metric / full-model metric; ``ci()``,
+        ``faithfulness_ci()`` give intervals over prompts.
     """
-    from mechlib.ablation import ablation_hooks, head_means, normalize_heads
+    from mechlib.ablation import ablation_interventions, head_means, normalize_heads
 
+    tokens = validate.token_tensor(tokens, model)
+    reference = validate.token_tensor(reference, model, "reference")
     metric = as_metric(metric)
-    keep = set(normalize_heads(model, list(heads)))
+    keep = set(normalize_heads(model, heads))
     outside = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in keep]
-    means = head_means(model, reference, groups=groups)
-    with torch.no_grad():
-        full = metric.evaluate(model(tokens))
-        hooks = ablation_hooks(model, outside, "mean", means=means) if outside else []
-        ablated = metric.evaluate(model.run_with_hooks(tokens, fwd_hooks=hooks))
+    be = get_backend(model, backend)
+    means = head_means(model, reference, groups=groups, backend=be)
+    runs = be.cache({"tokens": tokens}, [])
+    logits = runs.logits["tokens"]
+    full = metric.evaluate(logits[:, -1:] if metric.last_only else logits).detach().float().cpu()
+    ivs = ablation_interventions(model, outside, "mean", means=means) if outside else []
+    ablated = be.run(runs, [ivs], base="tokens", score=metric.evaluate, last_only=metric.last_only).values[0]
     per = ablated.float() if ablated.ndim else ablated.float().reshape(1)
-    return CircuitScore([head_label(l, h) for l, h in sorted(keep)], float(full.float().mean()),
-                        float(ablated.float().mean()), per.detach().cpu())
+    return CircuitScore(
+        [head_label(l, h) for l, h in sorted(keep)],
+        float(full.mean()),
+        float(ablated.mean()),
+        per,
+        full if full.ndim else full.reshape(1),
+        {"backend": be.name},
+    )

@@ -33,8 +33,10 @@ Results use the scale of :mod:`mechlib.patching`: by default normalised so that 
 run's metric and 1 the clean run's. Under ``"noise"`` a value of 1 means the path carries nothing,
 and ``1 - value`` is the fraction of the clean-minus-corrupted difference that flows through it.
 
-Sweeps over many sender sets (:func:`path_patch_sweep`: every head as a sender) batch the sets as
-rows of few engine calls, grouped by the sender layer, resuming from the base run at that layer.
+Each sender set is an intervention list (:mod:`mechlib.interventions`) run on any backend
+(:mod:`mechlib.backends`). Sweeps over many sender sets (:func:`path_patch_sweep`: every head as a
+sender) batch the sets as rows of few calls; on the engine they are grouped by the sender layer and
+resume from the base run at that layer.
 
 Example:
     >>> heads = path_patch_sweep(model, ds.tokens, ds.corrupted_tokens, ioi_metric(ds),
@@ -49,31 +51,22 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 
+from mechlib import validate
+from mechlib.backends import Backend, backend_arg, get_backend
+from mechlib.interventions import Freeze, Intervention, Patch, Record, Replace, Site
 from mechlib.metrics import Metric, as_metric
-from mechlib.patching import PatchResult, Runner, _device, _scale, base_runs, check_pair
-from mechlib.results import head_label, parse_head
+from mechlib.patching import PatchResult, _scale, base_runs
+from mechlib.results import head_label
+from mechlib.stats import Estimate
 
 __all__ = ["path_patch", "path_patch_sweep", "PathPatchResult", "normalize_receivers"]
 
 HeadLike = Union[str, tuple[int, int]]
 
 
-def _heads(model: Any, heads: Iterable[HeadLike], what: str) -> list[tuple[int, int]]:
-    if isinstance(heads, (str, tuple)):
-        heads = [heads]
-    out = []
-    for h in heads:
-        l, i = parse_head(h)
-        if not 0 <= l < model.cfg.n_layers:
-            raise ValueError(f"{what} {h!r}: layer {l} out of range 0..{model.cfg.n_layers - 1}")
-        if not 0 <= i < model.cfg.n_heads:
-            raise ValueError(f"{what} {h!r}: head {i} out of range 0..{model.cfg.n_heads - 1}")
-        out.append((l, i))
-    if not out:
-        raise ValueError(f"no {what} heads given")
-    return list(dict.fromkeys(out))
+def _heads(model: Any, heads: Iterable[HeadLike], name: str) -> list[tuple[int, int]]:
+    return validate.head_specs(model, heads, name)
 
 
 def normalize_receivers(model: Any, receivers: Iterable[HeadLike], component: str) -> dict[int, list[int]]:
@@ -82,12 +75,11 @@ def normalize_receivers(model: Any, receivers: Iterable[HeadLike], component: st
     For ``"q"`` the index is the query head; for ``"k"``/``"v"`` the KV head the query head reads
     (``head // (n_heads // n_kv_heads)``).
     """
-    if component not in ("q", "k", "v"):
-        raise ValueError(f"component must be 'q', 'k' or 'v', got {component!r}")
+    validate.choice(component, "component", ("q", "k", "v"))
     n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
     group = model.cfg.n_heads // n_kv
     out: dict[int, list[int]] = {}
-    for l, h in _heads(model, receivers, "receiver"):
+    for l, h in _heads(model, receivers, "receivers"):
         idx = h if component == "q" else h // group
         out.setdefault(l, [])
         if idx not in out[l]:
@@ -115,6 +107,22 @@ class PathPatchResult:
     receivers: Union[str, list[str]]
     component: Optional[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    per_prompt: Optional[torch.Tensor] = None
+
+    def stderr(self) -> float:
+        """Standard error of ``value`` over prompts (``per_prompt``: one value per prompt, same scale)."""
+        return self.ci().stderr
+
+    def ci(self, confidence: float = 0.95) -> "Estimate":
+        """``value`` with its bootstrap interval over prompts (:func:`mechlib.stats.mean_ci`)."""
+        from mechlib.stats import mean_ci
+
+        if self.per_prompt is None:
+            raise ValueError(
+                "no per-prompt values: the metric returned one number per batch; use a metric "
+                "that returns [batch] values (every mechlib.metrics builder does)"
+            )
+        return mean_ci(self.per_prompt, confidence=confidence, name="per-prompt path patching values")
 
     @property
     def effect(self) -> float:
@@ -133,9 +141,14 @@ class PathPatchResult:
 class _PathPatcher:
     """Shared machinery: cached runs, the scale, and batched steps 2 and 3 for many sender sets."""
 
-    def __init__(self, model, clean, corrupted, metric, receivers, component, direction, freeze_mlps, normalise,
-                 use_engine):
-        check_pair(clean, corrupted)
+    def __init__(
+        self, model, clean, corrupted, metric, receivers, component, direction, freeze_mlps, normalise, backend
+    ):
+        clean, corrupted = validate.token_pair(clean, corrupted, model)
+        validate.choice(direction, "direction", ("denoise", "noise"))
+        for flag, value in (("freeze_mlps", freeze_mlps), ("normalise", normalise)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
         self.model = model
         self.metric = as_metric(metric)
         self.cfg = model.cfg
@@ -145,120 +158,80 @@ class _PathPatcher:
             if isinstance(receivers, str) and not receivers.upper().startswith("L") and "." not in receivers:
                 raise ValueError(f"receivers must be 'logits' or heads like 'L9H6', (9, 6); got {receivers!r}")
             self.receivers = normalize_receivers(model, receivers, component)
-            self.receiver_labels = [head_label(l, h) for l, h in _heads(model, receivers, "receiver")]
+            self.receiver_labels = [head_label(l, h) for l, h in _heads(model, receivers, "receivers")]
         self.component = None if self.to_logits else component
         if freeze_mlps and getattr(self.cfg, "attn_only", False):
             freeze_mlps = False
         self.freeze_mlps = freeze_mlps
         self.direction = direction
-        self.runner = Runner(model, use_engine)
+        self.backend = get_backend(model, backend)
         hooks = {f"blocks.{l}.attn.hook_z" for l in range(self.L)}
         if freeze_mlps:
             hooks |= {f"blocks.{l}.hook_mlp_out" for l in range(self.L)}
-        dev = _device(model)
-        self.clean_run, self.corr_run, self.base, self.source = base_runs(
-            self.runner, clean.to(dev), corrupted.to(dev), hooks, direction)
+        self.runs, self.base, self.source = base_runs(self.backend, clean, corrupted, hooks, direction)
         self.B = clean.shape[0]
-        self.vc, self.vk, self.offset, self.span = _scale(self.metric, self.clean_run, self.corr_run, normalise)
+        self.vc, self.vk, self.offset, self.span = _scale(self.metric, self.runs, normalise)
         self.normalise = normalise
 
     def meta(self) -> dict[str, Any]:
-        m = {"direction": self.direction, "freeze_mlps": self.freeze_mlps, "normalised": self.normalise,
-             "clean": self.vc, "corrupted": self.vk}
+        m = {
+            "direction": self.direction,
+            "freeze_mlps": self.freeze_mlps,
+            "normalised": self.normalise,
+            "clean": self.vc,
+            "corrupted": self.vk,
+            "backend": self.backend.name,
+        }
         if not self.to_logits and self.component in ("k", "v"):
             n_kv = int(getattr(self.cfg, "n_key_value_heads", None) or self.H)
             g = self.H // n_kv
-            m["kv_receivers"] = {f"L{l}KV{k}": [head_label(l, k * g + j) for j in range(g)]
-                                 for l, ks in self.receivers.items() for k in ks}
+            m["kv_receivers"] = {
+                f"L{l}KV{k}": [head_label(l, k * g + j) for j in range(g)]
+                for l, ks in self.receivers.items()
+                for k in ks
+            }
         return m
 
-    def run(self, sets: list[list[tuple[int, int]]], max_rows: int = 512, progress: bool = False) -> list[float]:
-        """The (scaled) metric for each sender set."""
-        B = self.B
-        order = sorted(range(len(sets)), key=lambda i: min(l for l, _ in sets[i]))
-        per_call = max(1, max_rows // B)
-        chunks = [order[i : i + per_call] for i in range(0, len(order), per_call)]
-        # Keep calls within one start layer where possible: split chunks at layer changes if small.
-        out = [0.0] * len(sets)
-        for chunk in tqdm(chunks, desc="path patching", disable=not progress):
-            vals = self._run_chunk([sets[i] for i in chunk])
-            for i, v in zip(chunk, vals):
-                out[i] = (v - self.offset) / self.span
+    def step2(self, senders: list[tuple[int, int]]) -> list[Intervention]:
+        """Senders' outputs from the source run, every other head frozen at the base run (MLPs too with
+        ``freeze_mlps``) from the first sender's layer up; the receivers' inputs recorded."""
+        start = min(l for l, _ in senders)
+        stop = self.L - 1 if self.to_logits else max(self.receivers)
+        out: list[Intervention] = []
+        for l in range(start, min(stop + 1, self.L)):
+            out.append(Intervention(Site("z", l), Freeze(self.base)))
+            out += [Intervention(Site("z", l, head=h), Patch(self.source)) for sl, h in senders if sl == l]
+            if self.freeze_mlps:
+                out.append(Intervention(Site("mlp_out", l), Freeze(self.base)))
+        if not self.to_logits:  # a receiver below every sender keeps its base input: nothing to record
+            out += [Intervention(Site(self.component, l), Record(f"L{l}")) for l in self.receivers if l >= start]
         return out
 
-    def _run_chunk(self, sets: list[list[tuple[int, int]]]) -> list[float]:
-        B, H, L = self.B, self.H, self.L
-        n = len(sets)
-        base_index = torch.arange(B).repeat(n)
-        start = min(min(l for l, _ in s) for s in sets)
-        # sender mask per layer: [rows, H]
-        masks = torch.zeros(L, n * B, H, dtype=torch.bool)
-        for c, s in enumerate(sets):
-            for l, h in s:
-                masks[l, c * B : (c + 1) * B, h] = True
-        stop = L if self.to_logits else max(self.receivers)
-        edits: dict[str, Callable] = {}
-        for l in range(start, min(stop + 1, L)):
-            z = f"blocks.{l}.attn.hook_z"
-            base_z, src_z, mask = self.base[z], self.source[z], masks[l]
-
-            def freeze(act, ctx, base_z=base_z, src_z=src_z, mask=mask):
-                sp = ctx.start_pos
-                b = base_z[ctx.base_index, sp:]
-                s = src_z[ctx.base_index, sp:]
-                return torch.where(mask[:, None, :, None].to(act.device), s, b)
-
-            edits[z] = freeze
-            if self.freeze_mlps:
-                m = f"blocks.{l}.hook_mlp_out"
-                base_m = self.base[m]
-                edits[m] = lambda act, ctx, base_m=base_m: base_m[ctx.base_index, ctx.start_pos:]
+    def run(
+        self, sets: list[list[tuple[int, int]]], max_rows: int = 512, progress: bool = False
+    ) -> tuple[list[float], Optional[torch.Tensor]]:
+        """The (scaled) metric for each sender set, and per prompt ``[set, prompt]`` (``None`` for
+        scalar metrics)."""
+        be, m = self.backend, self.metric
+        kw = dict(base=self.base, last_only=m.last_only, progress=progress, max_rows=max_rows)
+        lists = [self.step2(s) for s in sets]
         if self.to_logits:
-            logits = self.runner.resume(self.base, start, 0, edits, base_index, self.metric.last_only)
-            return self._score(logits, n)
-        # step 2: record the receivers' inputs (receiver layers are > start, else no path exists)
-        recorded: dict[str, torch.Tensor] = {}
-        comp = f"attn.hook_{self.component}"
-        for l in self.receivers:
-            name = f"blocks.{l}.{comp}"
-
-            def record(act, ctx, name=name, prior=edits.get(name)):
-                recorded[name] = act.clone()
-                return None
-
-            if l < start:
-                continue  # a receiver below every sender: its input is the base run's
-            edits[name] = record
-        if any(l >= start for l in self.receivers):
-            self.runner.resume(self.base, start, 0, edits, base_index, True, stop_layer=max(self.receivers) + 1)
-        # step 3: patch only the receivers' inputs; recompute everything else
-        patch_edits: dict[str, Callable] = {}
-        for l, idx in self.receivers.items():
-            name = f"blocks.{l}.{comp}"
-            if name not in recorded:
-                continue
-            rec = recorded[name]
-
-            def put(act, ctx, rec=rec, idx=idx):
-                out = act.clone()
-                out[:, :, idx] = rec[:, ctx.start_pos:, idx]
-                return out
-
-            patch_edits[name] = put
-        if not patch_edits:
-            logits = self.base.logits[base_index]
-            logits = logits[:, -1:] if self.metric.last_only else logits
+            values = be.run(self.runs, lists, score=m.evaluate, desc="path patching", **kw).values
         else:
-            first = min(int(n.split(".")[1]) for n in patch_edits)
-            logits = self.runner.resume(self.base, first, 0, patch_edits, base_index, self.metric.last_only)
-        return self._score(logits, n)
-
-    def _score(self, logits: torch.Tensor, n: int) -> list[float]:
-        vals = []
-        for c in range(n):
-            out = self.metric.evaluate(logits[c * self.B : (c + 1) * self.B])
-            vals.append(float(out.float().mean()))
-        return vals
+            rec = be.run(self.runs, lists, score=None, desc="path patching (record)", **kw).records
+            patched = [
+                [
+                    Intervention(Site(self.component, l, head=i), Replace(rec[(j, f"L{l}")]))
+                    for l, idx in self.receivers.items()
+                    if (j, f"L{l}") in rec
+                    for i in idx
+                ]
+                for j in range(len(sets))
+            ]
+            values = be.run(self.runs, patched, score=m.evaluate, desc="path patching (receivers)", **kw).values
+        scaled = (values.double() - self.offset) / self.span
+        means = [float(v.mean()) for v in scaled]
+        return means, (scaled.float() if scaled.ndim == 2 else None)
 
 
 def path_patch(
@@ -273,7 +246,8 @@ def path_patch(
     direction: str = "noise",
     freeze_mlps: bool = False,
     normalise: bool = True,
-    use_engine: bool = True,
+    backend: Union[str, Backend] = "auto",
+    use_engine: Optional[bool] = None,
 ) -> PathPatchResult:
     """Path-patch one set of sender heads into the receivers (all senders patched together).
 
@@ -289,16 +263,47 @@ def path_patch(
         direction: ``"noise"`` (paper: corrupted senders into the clean run) or ``"denoise"``.
         freeze_mlps: Freeze MLP outputs in step 2 too (default: recomputed, as in the paper).
         normalise: Report 0 = corrupted run, 1 = clean run.
+        backend: Where the steps run (:mod:`mechlib.backends`; see :func:`mechlib.patching.patch`):
+            step 2 is one intervention list per sender set (``Freeze`` every head at the base run,
+            ``Patch`` the senders from the source run, ``Record`` the receivers' inputs), step 3
+            ``Replace``s the receivers' inputs by the records. ``use_engine`` is deprecated.
+
+    Returns:
+        A :class:`PathPatchResult`; ``per_prompt``, ``ci()`` and ``stderr()`` give its spread over prompts.
 
     Raises:
         ValueError: Bad token shapes, heads out of range, an unknown component or direction.
     """
-    pp = _PathPatcher(model, clean, corrupted, metric, receivers, component, direction, freeze_mlps, normalise,
-                      use_engine)
-    s = _heads(model, senders, "sender")
-    value = pp.run([s])[0]
-    return PathPatchResult(value, pp.vc, pp.vk, [head_label(*h) for h in s],
-                           "logits" if pp.to_logits else pp.receiver_labels, pp.component, pp.meta())
+    pp = _PathPatcher(
+        model,
+        clean,
+        corrupted,
+        metric,
+        receivers,
+        component,
+        direction,
+        freeze_mlps,
+        normalise,
+        backend_arg(backend, use_engine, "path_patch"),
+    )
+    s = _heads(model, senders, "senders")
+    if not pp.to_logits and min(l for l, _ in s) >= max(pp.receivers):
+        raise ValueError(
+            f"no path from senders {[head_label(*h) for h in s]} to receivers {pp.receiver_labels}: every sender is in "
+            "the receivers' layer or above, so it cannot reach their inputs; pick senders in earlier layers "
+            "(or receivers='logits')"
+        )
+    values, per = pp.run([s])
+    return PathPatchResult(
+        values[0],
+        pp.vc,
+        pp.vk,
+        [head_label(*h) for h in s],
+        "logits" if pp.to_logits else pp.receiver_labels,
+        pp.component,
+        pp.meta(),
+        per_prompt=None if per is None else per[0],
+    )
 
 
 def path_patch_sweep(
@@ -315,26 +320,54 @@ def path_patch_sweep(
     normalise: bool = True,
     max_rows: int = 512,
     progress: bool = True,
-    use_engine: bool = True,
+    backend: Union[str, Backend] = "auto",
+    use_engine: Optional[bool] = None,
 ) -> PatchResult:
     """Path-patch every head (or ``senders``) singly into the receivers: a layer x head grid.
 
     Senders at or above the last receiver layer have no path to it and are left NaN. Arguments
     as in :func:`path_patch`; ``max_rows`` bounds the rows (sender sets x prompts) per call.
     """
-    pp = _PathPatcher(model, clean, corrupted, metric, receivers, component, direction, freeze_mlps, normalise,
-                      use_engine)
+    max_rows = validate.whole(max_rows, "max_rows", minimum=1)
+    pp = _PathPatcher(
+        model,
+        clean,
+        corrupted,
+        metric,
+        receivers,
+        component,
+        direction,
+        freeze_mlps,
+        normalise,
+        backend_arg(backend, use_engine, "path_patch_sweep"),
+    )
     top = model.cfg.n_layers if pp.to_logits else max(pp.receivers)
-    cands = _heads(model, senders, "sender") if senders is not None else [
-        (l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    cands = (
+        _heads(model, senders, "senders")
+        if senders is not None
+        else [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    )
     cands = [c for c in cands if c[0] < top]
     if not cands:
-        raise ValueError("no sender lies below the receivers; senders must be in earlier layers")
-    vals = pp.run([[c] for c in cands], max_rows=max_rows, progress=progress)
-    grid = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
-    for (l, h), v in zip(cands, vals):
+        raise ValueError(
+            f"no sender lies below the receivers {pp.receiver_labels}: a sender must be in an earlier "
+            "layer than the last receiver to reach it"
+        )
+    vals, per = pp.run([[c] for c in cands], max_rows=max_rows, progress=progress)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    grid = torch.full((L, H), float("nan"))
+    per_prompt = None if per is None else torch.full((pp.B, L, H), float("nan"))
+    for i, ((l, h), v) in enumerate(zip(cands, vals)):
         grid[l, h] = v
+        if per_prompt is not None:
+            per_prompt[:, l, h] = per[i]
     rec = "logits" if pp.to_logits else f"{', '.join(pp.receiver_labels)} ({component})"
-    return PatchResult(grid, ("layer", "head"), {}, title=f"path patching: head -> {rec}",
-                       metric=("normalised " if normalise else "") + pp.metric.name,
-                       meta={**pp.meta(), "receivers": rec, "target": "path"})
+    return PatchResult(
+        grid,
+        ("layer", "head"),
+        {},
+        title=f"path patching: head -> {rec}",
+        metric=("normalised " if normalise else "") + pp.metric.name,
+        meta={**pp.meta(), "receivers": rec, "target": "path"},
+        per_prompt=per_prompt,
+    )

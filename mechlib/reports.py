@@ -8,7 +8,7 @@ Every notebook ends the same way::
         measured=top_score, reference="GPT-2 small: 5.1, 5.5, 6.9, 7.2, 7.10",
         source="Olsson et al. 2022", holds=top_score > 0.5,
     )
-    record.save()          # reports/findings/01_induction_heads.json
+    record.save()          # reports/findings/01_induction_heads--smollm2-135m.json
     record.assert_all()    # the notebook fails if a finding does not hold
 
 ``make reproduce`` then gathers every record into ``reports/findings.md`` and
@@ -30,7 +30,17 @@ from typing import Any, Optional
 
 from mechlib.stats import Estimate
 
-__all__ = ["Finding", "FindingsRecord", "gather", "profile", "quick", "reports_dir", "render_table"]
+__all__ = [
+    "Finding",
+    "FindingsRecord",
+    "gather",
+    "profile",
+    "quick",
+    "record_stem",
+    "render_by_model",
+    "render_table",
+    "reports_dir",
+]
 
 
 def profile() -> str:
@@ -56,6 +66,12 @@ def reports_dir() -> Path:
         if (folder / "pyproject.toml").is_file() and (folder / "mechlib").is_dir():
             return folder / "reports"
     return here / "reports"
+
+
+def record_stem(notebook: str, model: str) -> str:
+    """``<notebook>--<model>``: the file stem of a findings record and of an executed notebook
+    (a ``/`` in a model name becomes ``_``)."""
+    return f"{notebook}--{str(model).replace('/', '_')}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -145,13 +161,16 @@ class FindingsRecord:
             >>> record.check("IO beats S on average", mean_ci(logit_diffs), above=0.0)  # doctest: +SKIP
         """
         if not isinstance(estimate, Estimate):
-            raise TypeError(f"estimate must be a mechlib.stats.Estimate (mean_ci, rate_ci), got {type(estimate).__name__}")
+            raise TypeError(
+                f"estimate must be a mechlib.stats.Estimate (mean_ci, rate_ci), got {type(estimate).__name__}"
+            )
         if above is None and below is None:
             raise ValueError("check needs a threshold: pass above=, below= or both")
         holds = (above is None or estimate.above(above)) and (below is None or estimate.below(below))
         thresholds = {k: v for k, v in (("above", above), ("below", below)) if v is not None}
-        finding = Finding(claim, estimate.value, reference, source, bool(holds), {**thresholds, **details},
-                          estimate.to_dict())
+        finding = Finding(
+            claim, estimate.value, reference, source, bool(holds), {**thresholds, **details}, estimate.to_dict()
+        )
         self.findings.append(finding)
         return finding
 
@@ -167,16 +186,48 @@ class FindingsRecord:
         )
 
     def save(self, folder: Optional[Path] = None) -> Path:
-        """Write ``<reports>/findings/<notebook>.json`` and return its path."""
+        """Write ``<reports>/findings/<notebook>--<model>.json`` (one record per notebook and
+        model, see :func:`record_stem`) and return its path."""
         out = Path(folder) if folder is not None else reports_dir() / "findings"
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{self.notebook}.json"
+        path = out / f"{record_stem(self.notebook, self.model)}.json"
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
+    @classmethod
+    def load(cls, notebook: str, model: str, folder: Optional[Path] = None) -> Optional["FindingsRecord"]:
+        """The record a run of ``notebook`` on ``model`` saved (``None`` where there is none yet):
+        records are the notebooks' API, so one notebook can build on another's findings."""
+        root = Path(folder) if folder is not None else reports_dir() / "findings"
+        path = root / f"{record_stem(notebook, model)}.json"
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+            findings = [Finding(**f) for f in d["findings"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}: not a findings record ({type(e).__name__}: {e}); delete it and re-run {notebook}"
+            ) from e
+        return cls(d["notebook"], d["model"], findings, d.get("parameters", {}))
+
+    def detail(self, name: str) -> Any:
+        """The detail ``name`` of the first finding that records it (e.g. notebook 02's ``circuit``).
+
+        Raises:
+            KeyError: No finding records it; the message lists the details there are.
+        """
+        for f in self.findings:
+            if name in f.details:
+                return f.details[name]
+        known = sorted({k for f in self.findings for k in f.details})
+        raise KeyError(f"{self.notebook} on {self.model} records no detail {name!r}; it records {known}")
+
     def table(self) -> "Table":
         """The findings as a Markdown table (a ``str``); Jupyter renders it as a table."""
-        return Table(render_table([{"notebook": self.notebook, "model": self.model, **asdict(f)} for f in self.findings]))
+        return Table(
+            render_table([{"notebook": self.notebook, "model": self.model, **asdict(f)} for f in self.findings])
+        )
 
     def conclude(self, folder: Optional[Path] = None) -> Path:
         """A notebook's last step: :meth:`save` the record, print its :meth:`table`, then
@@ -234,8 +285,49 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return header + "\n".join(body) + "\n"
 
 
+def _measured_cell(row: dict[str, Any]) -> str:
+    measured = _fmt(row["measured"])
+    iv = row.get("interval")
+    if isinstance(iv, dict) and "low" in iv:
+        measured = f"{measured} [{_fmt(iv['low'])}, {_fmt(iv['high'])}] (n={iv.get('n')})"
+    return f"{'yes' if row['holds'] else 'NO'}: {measured}"
+
+
+def by_model(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Findings rows regrouped with one entry per (notebook, claim) and a cell per model.
+
+    Returns:
+        The models (in order of appearance) and the entries: ``notebook``, ``claim``, ``reference``
+        (with its source) and ``cells`` (model -> "yes/NO: measured [low, high] (n=...)").
+    """
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        ref = _fmt(r.get("reference", ""))
+        if r.get("source"):
+            ref = f"{ref} ({r['source']})" if ref else f"({r['source']})"
+        entry = entries.setdefault(
+            (r["notebook"], r["claim"]), {"notebook": r["notebook"], "claim": r["claim"], "reference": ref, "cells": {}}
+        )
+        entry["cells"][str(r["model"])] = _measured_cell(r)
+    return models, list(entries.values())
+
+
+def render_by_model(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of findings with a column per model (what each measured; holds or NO)."""
+    models, entries = by_model(rows)
+    header = "| notebook | claim | " + " | ".join(models) + " | reference (source) |\n"
+    header += "|---|---|" + "---|" * len(models) + "---|\n"
+    body = []
+    for e in entries:
+        cells = [e["notebook"], e["claim"], *(e["cells"].get(m, "not run") for m in models), e["reference"]]
+        body.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return header + "\n".join(body) + "\n"
+
+
 def gather(folder: Optional[Path] = None) -> tuple[list[dict[str, Any]], str]:
-    """Collect ``<reports>/findings/*.json`` into ``findings.json`` and ``findings.md``.
+    """Collect ``<reports>/findings/*.json`` into ``findings.json`` and ``findings.md`` (where
+    several models ran, the table with a column per model comes first).
 
     Returns:
         The flat list of findings rows and the Markdown table.
@@ -245,9 +337,12 @@ def gather(folder: Optional[Path] = None) -> tuple[list[dict[str, Any]], str]:
     for path in sorted((root / "findings").glob("*.json")):
         record = json.loads(path.read_text())
         for f in record["findings"]:
-            rows.append({"notebook": record["notebook"], "model": record["model"], "profile": record.get("profile"), **f})
+            rows.append(
+                {"notebook": record["notebook"], "model": record["model"], "profile": record.get("profile"), **f}
+            )
     table = render_table(rows)
     root.mkdir(parents=True, exist_ok=True)
     (root / "findings.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (root / "findings.md").write_text("# Findings\n\n" + table)
+    per_model = render_by_model(rows) + "\n" if len({r["model"] for r in rows}) > 1 else ""
+    (root / "findings.md").write_text("# Findings\n\n" + per_model + table)
     return rows, table

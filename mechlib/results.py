@@ -16,8 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -30,17 +31,34 @@ def head_label(layer: int, head: int) -> str:
 
 
 def parse_head(label: str | tuple[int, int]) -> tuple[int, int]:
-    """``"L5H1"``, ``"5.1"`` or ``(5, 1)`` -> ``(5, 1)``."""
-    if isinstance(label, tuple):
-        return int(label[0]), int(label[1])
-    s = label.strip().upper()
-    if s.startswith("L") and "H" in s:
-        a, b = s[1:].split("H", 1)
-        return int(a), int(b)
-    if "." in s:
-        a, b = s.split(".", 1)
-        return int(a), int(b)
-    raise ValueError(f"cannot read a head from {label!r}; write it as 'L5H1', '5.1' or (5, 1)")
+    """``"L5H1"``, ``"5.1"``, ``(5, 1)`` or ``[5, 1]`` -> ``(5, 1)``; anything else is an error.
+
+    Strict: ``"L0H1x"``, ``"L1.5H2"``, ``(1.0, 2)``, ``(True, 1)`` and negative indices are refused
+    (``ValueError`` for a malformed label or a negative index, ``TypeError`` for another type), never
+    read as the nearest head.
+    """
+    from mechlib.validate import whole
+
+    if isinstance(label, (tuple, list)):
+        if len(label) != 2:
+            raise ValueError(f"a head is (layer, head), got {label!r} with {len(label)} entries")
+        try:
+            layer, head = whole(label[0], "the head's layer"), whole(label[1], "the head's index")
+        except TypeError as exc:
+            raise TypeError(f"cannot read a head from {label!r}: {exc}") from None
+        if layer < 0 or head < 0:
+            raise ValueError(f"a head's layer and index are non-negative, got {label!r}")
+        return layer, head
+    if not isinstance(label, str):
+        raise TypeError(f"a head is 'L5H1', '5.1' or (5, 1), got {label!r} ({type(label).__name__})")
+    m = _HEAD_RE.fullmatch(label.strip())
+    if m is None:
+        raise ValueError(f"cannot read a head from {label!r}; write it as 'L5H1', '5.1' or (5, 1)")
+    a, b = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    return int(a), int(b)
+
+
+_HEAD_RE = re.compile(r"[Ll]([0-9]+)[Hh]([0-9]+)|([0-9]+)\.([0-9]+)")
 
 
 @dataclass
@@ -156,7 +174,13 @@ class Grid:
         return Grid(values, tuple(dims), {d: self.labels[d] for d in dims}, self.title, self.metric, self.meta)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dims": list(self.dims), "labels": self.labels, "values": self.values.tolist(), "title": self.title, "metric": self.metric}
+        return {
+            "dims": list(self.dims),
+            "labels": self.labels,
+            "values": self.values.tolist(),
+            "title": self.title,
+            "metric": self.metric,
+        }
 
     def __repr__(self) -> str:
         shape = " x ".join(f"{d}={n}" for d, n in zip(self.dims, self.values.shape))

@@ -93,8 +93,9 @@ def as_tensor_1d(values: Values, name: str = "values") -> torch.Tensor:
     return t
 
 
-def mean_ci(values: Values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
-            name: str = "values") -> Estimate:
+def mean_ci(
+    values: Values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0, name: str = "values"
+) -> Estimate:
     """Mean of per-sample values with a percentile-bootstrap interval (TransformerLens's).
 
     Args:
@@ -111,7 +112,9 @@ def mean_ci(values: Values, *, confidence: float = 0.95, n_resamples: int = 2000
     mean = float(t.mean())
     if n == 1:
         return Estimate(mean, mean, mean, 1, confidence, "single")
-    lo, hi = bootstrap_ci(t, confidence=confidence, n_resamples=n_resamples, generator=derive_generator(seed, "mean_ci"))
+    lo, hi = bootstrap_ci(
+        t, confidence=confidence, n_resamples=n_resamples, generator=derive_generator(seed, "mean_ci")
+    )
     return Estimate(mean, float(lo), float(hi), n, confidence, "bootstrap", float(standard_error(t)))
 
 
@@ -130,8 +133,9 @@ def rate_ci(successes: Sequence[bool], *, confidence: float = 0.95, name: str = 
     return Estimate(p, ci.ci_low, ci.ci_high, ci.n_trials, confidence, "clopper-pearson", se)
 
 
-def paired_pvalue(effects: Values, *, alternative: str = "greater", n_permutations: int = 10000, seed: int = 0,
-                  name: str = "effects") -> float:
+def paired_pvalue(
+    effects: Values, *, alternative: str = "greater", n_permutations: int = 10000, seed: int = 0, name: str = "effects"
+) -> float:
     """Sign-flip permutation p-value that paired differences (e.g. real minus control) are > 0.
 
     Args:
@@ -139,6 +143,7 @@ def paired_pvalue(effects: Values, *, alternative: str = "greater", n_permutatio
         alternative: ``"greater"``, ``"less"`` or ``"two-sided"``.
     """
     t = as_tensor_1d(effects, name)
-    p = sign_flip_permutation_pvalue(t, n_permutations=n_permutations, generator=derive_generator(seed, "pvalue"),
-                                     alternative=alternative)
+    p = sign_flip_permutation_pvalue(
+        t, n_permutations=n_permutations, generator=derive_generator(seed, "pvalue"), alternative=alternative
+    )
     return float(p)

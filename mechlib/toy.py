@@ -141,7 +141,12 @@ class ToyResult:
         if log is None:
             raise KeyError(f"step {step} was not logged; logged steps are {self.steps}")
         return {
-            k: Grid(v, ("layer", "head"), title=f"{k.replace('_', '-')} score, step {log.step}", metric="attention to target")
+            k: Grid(
+                v,
+                ("layer", "head"),
+                title=f"{k.replace('_', '-')} score, step {log.step}",
+                metric="attention to target",
+            )
             for k, v in log.scores.items()
         }
 
@@ -252,14 +257,30 @@ def train_induction_model(
             model.eval()
             rl = repeat_loss(model, eval_tokens)
             sc = head_scores(model, eval_tokens)
-            history.append(ToyLog(step, train_loss, rl.first, rl.second, {k: g.values for k, g in sc.items()}, time.perf_counter() - t0))
+            history.append(
+                ToyLog(
+                    step,
+                    train_loss,
+                    rl.first,
+                    rl.second,
+                    {k: g.values for k, g in sc.items()},
+                    time.perf_counter() - t0,
+                )
+            )
             model.train()
 
         measure(0, float("nan"))
         bar = tqdm(range(1, steps + 1), disable=not progress, desc=f"training (seed {seed})", mininterval=2.0)
         for step in bar:
-            x = repeat_task_batch(cfg.batch, cfg.n_ctx, cfg.d_vocab, gen, long_repeat=cfg.long_repeat,
-                                  short_repeat=cfg.short_repeat, n_short=cfg.n_short)
+            x = repeat_task_batch(
+                cfg.batch,
+                cfg.n_ctx,
+                cfg.d_vocab,
+                gen,
+                long_repeat=cfg.long_repeat,
+                short_repeat=cfg.short_repeat,
+                n_short=cfg.n_short,
+            )
             model.train()
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.d_vocab), x[:, 1:].reshape(-1))

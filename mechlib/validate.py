@@ -1,5 +1,12 @@
 """The one validation layer at mechlib's public boundary: every technique checks its inputs here.
 
+Checks: token ids (:func:`token_tensor`, :func:`token_pair`), index lists (:func:`layer_list`,
+:func:`head_list`, :func:`position_list`), head specs (:func:`head_specs`, via the strict
+:func:`mechlib.results.parse_head`), per-prompt positions (:func:`prompt_positions`), token spans
+(:func:`span`), numbers and options (:func:`whole`, :func:`choice`), lists of strings
+(:func:`str_list`) and a metric's output (:func:`metric_values`: finite floats, scalar or
+``[batch]``; :meth:`mechlib.metrics.Metric.check` adds the ``last_only`` proof on a base run).
+
 Each check either returns the input in canonical form (sorted unique ``int`` lists, a ``long``
 token tensor on the model's device) or raises ``TypeError`` / ``ValueError`` whose message names
 the argument and says how to fix it. Nothing is coerced silently: ``layers=[0.7]`` is an error,
@@ -34,6 +41,11 @@ __all__ = [
     "token_pair",
     "str_list",
     "n_kv_heads",
+    "head_specs",
+    "metric_values",
+    "span",
+    "choice",
+    "prompt_positions",
 ]
 
 
@@ -57,10 +69,21 @@ def whole(value: Any, name: str, *, minimum: Optional[int] = None, maximum: Opti
     return v
 
 
-def int_list(values: Any, name: str, *, n: int, what: str, example: str, allow_negative: bool = False) -> list[int]:
+def int_list(
+    values: Any,
+    name: str,
+    *,
+    n: int,
+    what: str,
+    example: str,
+    allow_negative: bool = False,
+    owner: Optional[str] = None,
+) -> list[int]:
     """Sorted unique ints in ``[0, n)`` (negative ones counted from the end if ``allow_negative``)."""
     if isinstance(values, (str, bytes)) or _is_int(values) or not isinstance(values, Iterable):
-        raise TypeError(f"{name} must be a list of ints, got {values!r} ({type(values).__name__}); pass {name}={example}")
+        raise TypeError(
+            f"{name} must be a list of ints, got {values!r} ({type(values).__name__}); pass {name}={example}"
+        )
     if isinstance(values, torch.Tensor):
         if values.is_floating_point() or values.dtype == torch.bool:
             raise TypeError(f"{name} must hold whole numbers (int), got a {values.dtype} tensor; pass {name}={example}")
@@ -68,12 +91,16 @@ def int_list(values: Any, name: str, *, n: int, what: str, example: str, allow_n
     out = []
     for v in values:
         if not _is_int(v):
-            raise TypeError(f"{name} must hold whole numbers (int), got {v!r} ({type(v).__name__}); pass {name}={example}")
+            raise TypeError(
+                f"{name} must hold whole numbers (int), got {v!r} ({type(v).__name__}); pass {name}={example}"
+            )
         v = int(v)
         if allow_negative and -n <= v < 0:
             v += n
         if not 0 <= v < n:
-            raise ValueError(f"{name}: {v} is out of range; this model has {what} 0..{n - 1}")
+            lo = f"-{n}..-1 or " if allow_negative else ""
+            who = owner or ("the prompts have" if what == "positions" else "this model has")
+            raise ValueError(f"{name}: {v} is out of range; {who} {what} {lo}0..{n - 1}")
         out.append(v)
     if not out:
         raise ValueError(f"{name} is empty: nothing to compute; pass None for all {what}, or e.g. {name}={example}")
@@ -112,13 +139,17 @@ def position_list(n_pos: int, positions: Any, name: str = "positions") -> list[i
 def token_tensor(tokens: Any, model: Any = None, name: str = "tokens") -> torch.Tensor:
     """A ``[batch, pos]`` integer token tensor, checked against the model's vocabulary and context."""
     if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{name} must be a [batch, pos] torch tensor of token ids, got {type(tokens).__name__}; "
-                        "use model.to_tokens(prompts)")
+        raise TypeError(
+            f"{name} must be a [batch, pos] torch tensor of token ids, got {type(tokens).__name__}; "
+            "use model.to_tokens(prompts)"
+        )
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}; use model.to_tokens(prompts)")
     if tokens.ndim != 2:
-        raise ValueError(f"{name} must be [batch, pos], got shape {tuple(tokens.shape)}; "
-                         "a single prompt is tokens[None] or model.to_tokens(prompt)")
+        raise ValueError(
+            f"{name} must be [batch, pos], got shape {tuple(tokens.shape)}; "
+            "a single prompt is tokens[None] or model.to_tokens(prompt)"
+        )
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): give at least one prompt of one token")
     if model is not None:
@@ -128,7 +159,7 @@ def token_tensor(tokens: Any, model: Any = None, name: str = "tokens") -> torch.
             raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab}): min {lo}, max {hi}")
         n_ctx = int(model.cfg.n_ctx)
         if tokens.shape[1] > n_ctx:
-            raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's context of {n_ctx}")
+            raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's context (n_ctx={n_ctx})")
     return tokens.long()
 
 
@@ -148,8 +179,10 @@ def token_pair(clean: Any, corrupted: Any, model: Any = None) -> tuple[torch.Ten
 def str_list(values: Any, name: str, *, min_len: int = 1) -> list[str]:
     """A list of strings; a bare ``str`` is refused (it would be read as a list of letters)."""
     if isinstance(values, str):
-        raise TypeError(f"{name} must be a list of strings, got the single string {values!r}; "
-                        f"pass {name}={values.split()!r} if you meant its words")
+        raise TypeError(
+            f"{name} must be a list of strings, got the single string {values!r}; "
+            f"pass {name}={values.split()!r} if you meant its words"
+        )
     if not isinstance(values, Sequence) and not isinstance(values, Iterable):
         raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}")
     out = list(values)
@@ -159,3 +192,119 @@ def str_list(values: Any, name: str, *, min_len: int = 1) -> list[str]:
     if len(out) < min_len:
         raise ValueError(f"{name} needs at least {min_len} entries, got {len(out)}")
     return out
+
+
+def choice(value: Any, name: str, options: Sequence[str]) -> str:
+    """``value`` if it is one of ``options`` (strings), else ``ValueError`` listing them."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def head_specs(model: Any, heads: Any, name: str = "heads") -> list[tuple[int, int]]:
+    """``"L5H1"`` / ``(5, 1)`` or a list of them as unique ``(layer, head)`` pairs (in the given
+    order), read by :func:`mechlib.results.parse_head` and checked against the model."""
+    from mechlib.results import parse_head
+
+    if heads is None:
+        raise TypeError(f"{name} must be heads like ['L5H1', (5, 1)], got None")
+    if isinstance(heads, str) or (isinstance(heads, tuple) and len(heads) == 2 and all(_is_int(x) for x in heads)):
+        heads = [heads]
+    if not isinstance(heads, Iterable) or isinstance(heads, torch.Tensor):
+        raise TypeError(f"{name} must be heads like ['L5H1', (5, 1)], got {heads!r} ({type(heads).__name__})")
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    out: list[tuple[int, int]] = []
+    for h in heads:
+        try:
+            layer, head = parse_head(h)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+        if not 0 <= layer < n_layers:
+            raise ValueError(
+                f"{name}: head {h!r}: layer {layer} is out of range; this model has layers 0..{n_layers - 1}"
+            )
+        if not 0 <= head < n_heads:
+            raise ValueError(
+                f"{name}: head {h!r}: head {head} is out of range; this model has heads 0..{n_heads - 1} per layer"
+            )
+        out.append((layer, head))
+    if not out:
+        raise ValueError(f"{name} is empty; give at least one head, e.g. {name}=['L0H1'] or [(0, 1)]")
+    return list(dict.fromkeys(out))
+
+
+def metric_values(out: Any, logits: torch.Tensor, name: str) -> torch.Tensor:
+    """A metric's output, checked: a finite floating-point scalar or ``[batch]`` tensor.
+
+    ``out`` is what the metric returned for ``logits`` ``[batch, pos, vocab]``; plain Python
+    numbers become 0-d float tensors. Raises ``TypeError`` (not a number, an integer or bool
+    tensor) or ``ValueError`` (wrong shape, NaN or infinite values) naming the metric.
+    """
+    batch = int(logits.shape[0])
+    if not isinstance(out, torch.Tensor) and hasattr(out, "__array__") and not isinstance(out, numbers.Number):
+        out = torch.as_tensor(out)  # numpy arrays
+    if isinstance(out, torch.Tensor):
+        if not (out.is_floating_point() or out.is_complex()):
+            raise TypeError(
+                f"metric {name!r} returned a {out.dtype} tensor; a metric must return floats such as a logit "
+                "difference or a probability (integer counts or votes have no gradient and are usually a mistake; "
+                "if you mean them, return them .float())"
+            )
+        if out.is_complex():
+            raise TypeError(f"metric {name!r} returned a complex tensor ({out.dtype}); return real floats")
+    elif isinstance(out, bool) or not isinstance(out, numbers.Real):
+        raise TypeError(f"metric {name!r} returned {type(out).__name__} ({out!r}), not a float tensor or number")
+    else:
+        out = torch.tensor(float(out))
+    if not (out.ndim == 0 or (out.ndim == 1 and out.shape[0] == batch)):
+        raise ValueError(
+            f"metric {name!r} returned shape {tuple(out.shape)} for logits of shape {tuple(logits.shape)}; a metric "
+            f"must return a scalar or one value per prompt [batch={batch}] (e.g. reduce over the vocabulary and "
+            "positions, then .mean() or not)"
+        )
+    finite = torch.isfinite(out.detach())
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        cause = (
+            "the logits it was given are not finite either"
+            if not bool(torch.isfinite(logits.detach()).all())
+            else "from finite logits"
+        )
+        raise ValueError(
+            f"metric {name!r} returned {bad} NaN or infinite value(s) ({cause}); a patching result built "
+            "on it would be meaningless. Check the metric (a division by zero, log of 0?)"
+        )
+    return out
+
+
+def span(start: Any, end: Any, n: int, name: str = "span") -> tuple[int, int]:
+    """A half-open token span ``[start, end)`` inside ``n`` tokens, non-empty, as two ints."""
+    s = whole(start, f"{name} start")
+    e = whole(end, f"{name} end")
+    if not 0 <= s < e <= n:
+        raise ValueError(f"{name} [{s}, {e}) is not a non-empty span inside {n} tokens (need 0 <= start < end <= {n})")
+    return s, e
+
+
+def prompt_positions(pos: Any, batch: int, n_pos: int, name: str = "pos") -> torch.Tensor:
+    """One position per prompt as a ``[batch]`` long tensor: an int for all, or ``batch`` ints
+    (a list or an integer tensor); negative ones count from the end; each checked in range."""
+    if isinstance(pos, torch.Tensor):
+        if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+            raise TypeError(f"{name} must hold whole numbers (positions), got a {pos.dtype} tensor")
+        p = pos.detach().long().flatten().cpu()
+    elif isinstance(pos, (list, tuple)):
+        p = torch.tensor([whole(x, name) for x in pos], dtype=torch.long)
+    else:
+        p = torch.tensor([whole(pos, name)], dtype=torch.long)
+    if p.numel() == 1:
+        p = p.repeat(batch)
+    if p.numel() != batch:
+        raise ValueError(f"{name}: got {p.numel()} positions for {batch} prompts; give one position or one per prompt")
+    p = torch.where(p < 0, p + n_pos, p)
+    if bool(((p < 0) | (p >= n_pos)).any()):
+        raise ValueError(
+            f"{name}: positions must lie in [-{n_pos}, {n_pos}) for prompts of {n_pos} tokens, "
+            f"got {pos if not isinstance(pos, torch.Tensor) else pos.tolist()}"
+        )
+    return p

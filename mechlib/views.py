@@ -61,7 +61,10 @@ class OfflineView:
         """Write a standalone HTML page that opens in a browser without a network."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'></head><body>\n{self.html}\n</body></html>\n", encoding="utf-8")
+        path.write_text(
+            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'></head><body>\n{self.html}\n</body></html>\n",
+            encoding="utf-8",
+        )
         return path
 
 
@@ -79,9 +82,7 @@ def offline(rendered: Any, **data: Any) -> OfflineView:
     """
     html = getattr(rendered, "local_src", None)
     if not isinstance(html, str):
-        raise TypeError(
-            f"expected a circuitsvis RenderedHTML (with .local_src), got {type(rendered).__name__}"
-        )
+        raise TypeError(f"expected a circuitsvis RenderedHTML (with .local_src), got {type(rendered).__name__}")
     return OfflineView(html, data)
 
 
@@ -134,7 +135,7 @@ def attention_heads(
 
 def attention_patterns(
     model: Any,
-    inputs: Union[str, Int[torch.Tensor, "pos"], Int[torch.Tensor, "1 pos"]],
+    inputs: Union[str, Int[torch.Tensor, " pos"], Int[torch.Tensor, "1 pos"]],
     heads: Optional[Sequence[HeadSpec]] = None,
     *,
     layer: Optional[int] = None,

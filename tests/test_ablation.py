@@ -112,11 +112,17 @@ def test_path_ablation_patches_only_the_named_activation(tiny_attn, toks):
 
     with torch.no_grad():
         with ablate_heads(tiny_attn, ["L0H1"]):
-            _, abl = tiny_attn.run_with_cache(toks, names_filter=lambda n: n in ("blocks.1.attn.hook_k", "blocks.1.attn.hook_q"))
+            _, abl = tiny_attn.run_with_cache(
+                toks, names_filter=lambda n: n in ("blocks.1.attn.hook_k", "blocks.1.attn.hook_q")
+            )
         hooks = path_ablation_hooks(tiny_attn, toks, ["L0H1"], into="blocks.1.attn.hook_k")
         with tiny_attn.hooks(fwd_hooks=hooks):
-            _, patched = tiny_attn.run_with_cache(toks, names_filter=lambda n: n in ("blocks.1.attn.hook_k", "blocks.1.attn.hook_q"))
-        _, clean = tiny_attn.run_with_cache(toks, names_filter=lambda n: n in ("blocks.1.attn.hook_k", "blocks.1.attn.hook_q"))
+            _, patched = tiny_attn.run_with_cache(
+                toks, names_filter=lambda n: n in ("blocks.1.attn.hook_k", "blocks.1.attn.hook_q")
+            )
+        _, clean = tiny_attn.run_with_cache(
+            toks, names_filter=lambda n: n in ("blocks.1.attn.hook_k", "blocks.1.attn.hook_q")
+        )
     torch.testing.assert_close(patched["blocks.1.attn.hook_k"], abl["blocks.1.attn.hook_k"])
     torch.testing.assert_close(patched["blocks.1.attn.hook_q"], clean["blocks.1.attn.hook_q"])
     assert (patched["blocks.1.attn.hook_k"] - clean["blocks.1.attn.hook_k"]).abs().max() > 1e-4

@@ -3,9 +3,17 @@
 import pytest
 import torch
 
-from mechlib.engine import Engine, UnsupportedModelError, get_engine
+from mechlib.engine import HOOKS_PER_LAYER, Engine, UnsupportedModelError, get_engine
 
-TINY = ["tiny_llama", "tiny_gpt", "tiny_attn"]
+TINY = ["tiny_llama", "tiny_gpt", "tiny_attn", "tiny_gemma"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma():
+    """A random 3-layer Gemma 3 (sliding window 4 on layers 0-1, global layer 2), via the bridge."""
+    from mechlib.models import load_model
+
+    return load_model("tiny-gemma3-3l", seed=0)
 
 
 @pytest.mark.parametrize("fixture", TINY)
@@ -35,17 +43,18 @@ def test_resume_with_an_edit_equals_the_hooked_bridge(fixture, hook, request):
     layer, pos = 1, 4
     name = f"blocks.{layer}.{hook}"
 
+    # Not a pure rescaling: Gemma's post-attention RMSNorm would undo that (hook_z * 3 is a no-op).
     def scale_suffix(act, ctx):  # positions >= pos only (the suffix the engine recomputes)
         if hook == "attn.hook_pattern":
             return act * 0.5
-        return act * 3.0
+        return act * 3.0 + 0.1
 
     def bridge_hook(act, hook):
         act = act.clone()
         if name.endswith("hook_pattern"):
             act[:, :, pos:] *= 0.5
         else:
-            act[:, pos:] *= 3.0
+            act[:, pos:] = act[:, pos:] * 3.0 + 0.1
         return act
 
     expected = model.run_with_hooks(tokens, fwd_hooks=[(name, bridge_hook)])
@@ -71,6 +80,42 @@ def test_bad_hook_names_and_ranges_are_clear_errors(tiny_llama):
         engine.run(torch.zeros(1, tiny_llama.cfg.n_ctx + 1, dtype=torch.long))
 
 
+def test_gemma3_parts_are_mirrored_not_skipped(tiny_gemma):
+    """The tiny Gemma exercises every addition: each one changes the output if left out."""
+    engine = Engine(tiny_gemma)
+    cfg = tiny_gemma.cfg
+    assert engine.embed_scale is not None and float(engine.embed_scale) == pytest.approx(cfg.d_model**0.5)
+    assert engine.qk_norm and engine.post_norms
+    assert engine.layer_window == [4, 4, None]
+    assert engine.layer_scale == [24**-0.5] * 3  # query_pre_attn_scalar, not d_head
+    assert engine.extras == ("embed_scale", "qk_norm", "post_norms", "sliding_window", "attn_scale")
+    tokens = torch.randint(0, cfg.d_vocab, (2, 10), generator=torch.Generator().manual_seed(2))
+    _, cache = tiny_gemma.run_with_cache(tokens)
+    # The bridge's sliding layers see 4 keys; its global layer sees all of them.
+    assert torch.all(cache["blocks.0.attn.hook_pattern"][:, :, 9, :6] == 0)
+    assert torch.all(cache["blocks.2.attn.hook_pattern"][:, :, 9, :6] > 0)
+    base = engine.run(tokens).logits
+    for attr, off in [
+        ("layer_window", [None] * 3),
+        ("embed_scale", None),
+        ("qk_norm", False),
+        ("post_attn_w", []),
+        ("post_mlp_w", []),
+        ("layer_scale", [0.25] * 3),
+    ]:
+        saved = getattr(engine, attr)
+        setattr(engine, attr, off)
+        try:
+            assert not torch.allclose(engine.run(tokens).logits, base, atol=1e-3), f"{attr} made no difference"
+        finally:
+            setattr(engine, attr, saved)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt", "tiny_attn"])
+def test_llama_and_gpt2_style_models_use_no_gemma_extras(fixture, request):
+    assert Engine(request.getfixturevalue(fixture)).extras == ()
+
+
 def test_unsupported_models_are_refused(tiny_llama):
     from mechlib.models import random_model
 
@@ -90,6 +135,32 @@ def test_get_engine_rebuilds_after_weights_change():
         model.W_E.mul_(2.0) if model.W_E.is_leaf else next(model.parameters()).mul_(2.0)
     second = get_engine(model)
     assert second is not first
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    from mechlib.models import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_gemma3_every_activation_matches_the_bridge(gemma3):
+    tokens = gemma3.to_tokens(["The Eiffel Tower is in the city of", "When Mary and John went to the store, John"])
+    logits, cache = gemma3.run_with_cache(tokens)
+    base = Engine(gemma3).run(tokens)
+    assert torch.allclose(base.logits, logits, atol=1e-4), (base.logits - logits).abs().max()
+    # float32 rounding, relative to each hook's scale: Gemma's residual stream reaches the
+    # hundreds (post-norm weights up to ~12), where one float32 ulp is already ~1e-5.
+    worst = max(float((act - cache[name]).abs().max() / cache[name].abs().max()) for name, act in base.acts.items())
+    print(
+        f"gemma3-270m engine vs bridge: logits max abs diff {(base.logits - logits).abs().max():.2e}, "
+        f"worst hook relative diff {worst:.2e}"
+    )
+    for name, act in base.acts.items():
+        scale = cache[name].abs().max()
+        assert (act - cache[name]).abs().max() <= 1e-5 * scale, f"{name} differs by {(act - cache[name]).abs().max()}"
+    assert len(base.acts) >= gemma3.cfg.n_layers * len(HOOKS_PER_LAYER)
 
 
 @pytest.mark.slow
@@ -123,7 +194,9 @@ def test_last_only_runs_the_top_block_on_the_last_token_and_stays_exact(fixture,
     assert torch.allclose(last, full[:, -1], atol=1e-5)
     # Rows starting at different layers (one only unembedded) come back in their own order.
     resid = torch.stack([base["blocks.0.hook_resid_pre"][0, 4:], base[f"blocks.{top}.hook_resid_post"][1, 4:]])
-    rows = engine.resume_rows(base, torch.tensor([0, top + 1]), 4, resid=resid, base_index=torch.tensor([0, 1]), edits=edits)
+    rows = engine.resume_rows(
+        base, torch.tensor([0, top + 1]), 4, resid=resid, base_index=torch.tensor([0, 1]), edits=edits
+    )
     assert torch.allclose(rows[0], full[0, -1], atol=1e-5)
     assert torch.allclose(rows[1], base.logits[1, -1], atol=1e-5)
     # An edit after the top block's queries at an earlier token must not reach the last token:

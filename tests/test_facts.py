@@ -136,7 +136,13 @@ def test_token_roles_multi_token_subject():
 
 def test_token_roles_overlaps():
     # one-token subject: labelled "last subject token"; both first and last rows read it
-    assert token_roles(5, 2, 3) == [BEFORE_SUBJECT, BEFORE_SUBJECT, "last subject token", "first subsequent token", "last token"]
+    assert token_roles(5, 2, 3) == [
+        BEFORE_SUBJECT,
+        BEFORE_SUBJECT,
+        "last subject token",
+        "first subsequent token",
+        "last token",
+    ]
     pos = role_positions(5, 2, 3)
     assert pos["first subject token"] == pos["last subject token"] == [2]
     assert pos["middle subject tokens"] == [] and pos["further tokens"] == []

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mechlib.induction import (
+    duplicate_token_targets,
     head_scores,
     induction_scores,
-    duplicate_token_targets,
     induction_targets,
     previous_token_targets,
     repeat_loss,
@@ -26,14 +26,18 @@ def _word_tokenizer(n: int):
     vocab["<bos>"] = n - 1
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<bos>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", unk_token="<bos>", pad_token="<bos>", eos_token="<bos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", unk_token="<bos>", pad_token="<bos>", eos_token="<bos>"
+    )
 
 
 @pytest.fixture(scope="module")
 def tok_model():
     """A tiny attention-only model with a tiny word-level tokenizer, so detect_head can run on it."""
     m = random_model(attn_only=True, n_ctx=64, seed=3)
-    m.set_tokenizer(_word_tokenizer(256)) if hasattr(m, "set_tokenizer") else setattr(m, "tokenizer", _word_tokenizer(256))
+    m.set_tokenizer(_word_tokenizer(256)) if hasattr(m, "set_tokenizer") else setattr(
+        m, "tokenizer", _word_tokenizer(256)
+    )
     m.cfg.default_prepend_bos = False
     m.cfg.tokenizer_prepends_bos = False
     return m
@@ -64,7 +68,14 @@ def test_small_vocabulary_and_no_tokenizer():
         assert torch.isfinite(g.values).all() and (g.values >= 0).all() and (g.values <= 1 + 1e-5).all()
 
 
-@pytest.mark.parametrize("kind,name", [("induction", "induction_head"), ("previous_token", "previous_token_head"), ("duplicate_token", "duplicate_token_head")])
+@pytest.mark.parametrize(
+    "kind,name",
+    [
+        ("induction", "induction_head"),
+        ("previous_token", "previous_token_head"),
+        ("duplicate_token", "duplicate_token_head"),
+    ],
+)
 def test_scores_agree_with_transformer_lens_detect_head(tok_model, kind, name):
     from transformer_lens.head_detector import detect_head
 
@@ -77,10 +88,16 @@ def test_scores_agree_with_transformer_lens_detect_head(tok_model, kind, name):
     ours = head_scores(tok_model, tokens, [kind], reduce="all")[kind]
     torch.testing.assert_close(ours.values, theirs.float(), atol=1e-5, rtol=1e-4)
     # "matched" is the same attention mass divided by the queries that have a target
-    targets = {"induction": induction_targets, "previous_token": previous_token_targets, "duplicate_token": duplicate_token_targets}[kind]
+    targets = {
+        "induction": induction_targets,
+        "previous_token": previous_token_targets,
+        "duplicate_token": duplicate_token_targets,
+    }[kind]
     n_q = int(targets(tokens[:1]).any(-1).sum())
     one = head_scores(tok_model, tokens[:1], [kind])[kind].values
-    torch.testing.assert_close(one, detect_head(tok_model, texts[0], name).float() * tokens.shape[1] / n_q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        one, detect_head(tok_model, texts[0], name).float() * tokens.shape[1] / n_q, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_induction_targets_from_tokens():
@@ -138,7 +155,25 @@ def test_smollm2_has_strong_induction_heads(smollm2):
     t = repeated_tokens(smollm2, batch=2, seg_len=20, seed=0)
     assert int(t.max()) < smollm2.cfg.d_vocab and not set(t.flatten().tolist()) & set(smollm2.tokenizer.all_special_ids)
     s = head_scores(smollm2, t)
-    (top, score), = s["induction"].top(1)
+    ((top, score),) = s["induction"].top(1)
     assert score > 0.5, s["induction"]
     r = repeat_loss(smollm2, t)
     assert r.second < 0.3 * r.first
+
+
+def test_repeat_pair_corrupts_only_the_first_segment_and_scores_the_second_repeat(tiny_attn):
+    from mechlib.induction import repeat_pair
+
+    pair = repeat_pair(tiny_attn, batch=3, seg_len=6, seed=2)
+    assert torch.equal(pair.clean, repeated_tokens(tiny_attn, 3, 6, seed=2))
+    first = slice(pair.offset, pair.offset + 6)
+    assert torch.equal(pair.corrupted[:, pair.offset + 6 :], pair.clean[:, pair.offset + 6 :])
+    assert not torch.equal(pair.corrupted[:, first], pair.clean[:, first])
+    logits = torch.randn(3, pair.clean.shape[1], tiny_attn.cfg.d_vocab)
+    expected = torch.stack(
+        [
+            torch.stack([logits[b, p].log_softmax(-1)[pair.clean[b, p + 1]] for p in pair.second.tolist()]).mean()
+            for b in range(3)
+        ]
+    )
+    assert torch.allclose(pair.metric(logits), expected, atol=1e-6)

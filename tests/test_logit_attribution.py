@@ -117,8 +117,9 @@ def test_answer_ids_and_errors(smollm2, tiny_attn):
         to_answer_ids(tiny_attn, [1, 999])
     with pytest.raises(ValueError, match="different lengths"):
         direct_logit_attribution(smollm2, ["The cat sat on the", "Hello"], " mat", progress=False)
-    r = direct_logit_attribution(smollm2, "When Mary and John went to the store, John gave a drink to", " Mary", " John",
-                                 progress=False)
+    r = direct_logit_attribution(
+        smollm2, "When Mary and John went to the store, John gave a drink to", " Mary", " John", progress=False
+    )
     assert r.actual.shape == (1,) and r.actual.item() > 2
 
 

@@ -6,8 +6,8 @@ import torch
 
 from mechlib.attribution_patching import attribution_patch, compare
 from mechlib.metrics import Metric, answer_prob, logit_diff, normalised
-from mechlib.path_patching import path_patch, path_patch_sweep
 from mechlib.patching import TARGETS, PatchResult, patch
+from mechlib.path_patching import path_patch, path_patch_sweep
 
 TL_NAMES = {
     "resid_pre": "get_act_patch_resid_pre",
@@ -45,7 +45,9 @@ def _as_tl(grid, target):
     return v
 
 
-CASES = [("tiny_llama", t) for t in sorted(TL_NAMES)] + [("tiny_gpt", t) for t in ("resid_pre", "mlp_out", "head_out_by_pos", "v")]
+CASES = [("tiny_llama", t) for t in sorted(TL_NAMES)] + [
+    ("tiny_gpt", t) for t in ("resid_pre", "mlp_out", "head_out_by_pos", "v")
+]
 NOISE = {"resid_pre", "head_out_by_pos", "k_by_pos", "pattern_by_pos"}
 
 
@@ -76,7 +78,7 @@ def test_matches_transformer_lens(fixture, target, request):
 def test_bridge_fallback_and_full_logit_metrics_agree_with_the_engine(tiny_llama, target):
     clean, corrupted = _pair(tiny_llama, seed=3)
     fast = patch(tiny_llama, clean, corrupted, Metric(_raw, last_only=True), target, progress=False)
-    slow = patch(tiny_llama, clean, corrupted, _raw, target, progress=False, use_engine=False)
+    slow = patch(tiny_llama, clean, corrupted, _raw, target, progress=False, backend="bridge")
     assert torch.allclose(fast.values, slow.values, atol=1e-4)
     assert slow.meta["calls"] < fast.values.numel(), "the fallback batches cells too"
 
@@ -109,8 +111,17 @@ def test_normalisation_and_grid_labels(tiny_gpt):
 
 def test_subsets_are_nan_and_top_and_plot_work(tiny_llama):
     clean, corrupted = _pair(tiny_llama, seed=6)
-    g = patch(tiny_llama, clean, corrupted, Metric(_raw, last_only=True), "head_out_by_pos", layers=[1],
-              heads=[0, 2], positions=[-1, 2], progress=False)
+    g = patch(
+        tiny_llama,
+        clean,
+        corrupted,
+        Metric(_raw, last_only=True),
+        "head_out_by_pos",
+        layers=[1],
+        heads=[0, 2],
+        positions=[-1, 2],
+        progress=False,
+    )
     assert isinstance(g, PatchResult) and g.dims == ("layer", "head", "pos")
     done = ~torch.isnan(g.values)
     assert int(done.sum()) == 4 and bool(done[1, 0, 6]) and bool(done[1, 2, 2]) and not bool(done[0].any())
@@ -182,8 +193,8 @@ def test_multi_token_answer_is_refused(smollm2):
     assert float(m(smollm2(tokens).detach())) > 2.0
 
 
-@pytest.mark.parametrize("use_engine", [True, False])
-def test_path_patching_equals_a_hand_built_direct_path(tiny_llama, use_engine):
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+def test_path_patching_equals_a_hand_built_direct_path(tiny_llama, backend):
     """Sender L0H1 -> receiver L1Hh's query with MLPs frozen is exactly: add the sender's
     clean-minus-corrupted write to L1's residual, recompute only L1Hh's query, run on."""
     model = tiny_llama
@@ -197,26 +208,58 @@ def test_path_patching_equals_a_hand_built_direct_path(tiny_llama, use_engine):
     def record(a, hook):
         store["q"] = a.clone()
 
-    model.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: a + delta),
-                                               ("blocks.1.attn.hook_q", record)])
-    sweep = path_patch_sweep(model, clean, corrupted, metric, ["L1H2"], direction="denoise", freeze_mlps=True,
-                             normalise=False, progress=False, use_engine=use_engine)
+    model.run_with_hooks(
+        corrupted, fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: a + delta), ("blocks.1.attn.hook_q", record)]
+    )
+    sweep = path_patch_sweep(
+        model,
+        clean,
+        corrupted,
+        metric,
+        ["L1H2"],
+        direction="denoise",
+        freeze_mlps=True,
+        normalise=False,
+        progress=False,
+        backend=backend,
+    )
     values = []
     for h in range(model.cfg.n_heads):
+
         def put(a, hook, h=h):
             a = a.clone()
             a[:, :, h] = store["q"][:, :, h]
             return a
 
         ref = float(_raw(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.1.attn.hook_q", put)]).detach()))
-        got = path_patch(model, clean, corrupted, metric, [(0, 1)], [(1, h)], direction="denoise",
-                         freeze_mlps=True, normalise=False, use_engine=use_engine)
+        got = path_patch(
+            model,
+            clean,
+            corrupted,
+            metric,
+            [(0, 1)],
+            [(1, h)],
+            direction="denoise",
+            freeze_mlps=True,
+            normalise=False,
+            backend=backend,
+        )
         assert got.value == pytest.approx(ref, abs=1e-4)
         values.append(ref)
     assert max(values) - min(values) > 1e-3
     # the batched sweep gives each sender's single path patch
-    single = path_patch(model, clean, corrupted, metric, [(0, 3)], ["L1H2"], direction="denoise",
-                        freeze_mlps=True, normalise=False, use_engine=use_engine)
+    single = path_patch(
+        model,
+        clean,
+        corrupted,
+        metric,
+        [(0, 3)],
+        ["L1H2"],
+        direction="denoise",
+        freeze_mlps=True,
+        normalise=False,
+        backend=backend,
+    )
     assert sweep.values[0, 3].item() == pytest.approx(single.value, abs=1e-4)
     assert torch.isnan(sweep.values[1]).all()  # no path from layer 1 into layer 1
 
@@ -234,6 +277,7 @@ def test_path_patching_to_logits_and_kv_receivers(tiny_llama):
             for h in heads_from_corrupted:
                 out[:, :, h] = kc[hook.name][:, :, h]  # ... except the senders
             return out
+
         return (f"blocks.{layer}.attn.hook_z", fn)
 
     # One sender into the logits: its corrupted output, every later head frozen, MLPs recomputed.
@@ -257,7 +301,7 @@ def test_attribution_patching_engine_equals_bridge(tiny_llama, target):
     clean, corrupted = _pair(tiny_llama, seed=9)
     metric = Metric(_raw, last_only=True)
     a = attribution_patch(tiny_llama, clean, corrupted, metric, target)
-    b = attribution_patch(tiny_llama, clean, corrupted, metric, target, use_engine=False)
+    b = attribution_patch(tiny_llama, clean, corrupted, metric, target, backend="bridge")
     assert torch.allclose(a.values, b.values, atol=1e-4)
     exact = patch(tiny_llama, clean, corrupted, metric, target, progress=False)
     cmp = compare(a, exact)
@@ -279,13 +323,17 @@ def test_attribution_is_the_directional_derivative(tiny_gpt):
         name = f"blocks.{layer}.hook_resid_pre"
         delta = cc[name][:, pos] - kc[name][:, pos]
 
-        def nudge(a, hook, s):
+        def nudge(a, hook, s, pos=pos, delta=delta):
             a = a.clone()
             a[:, pos] += s * eps * delta
             return a
 
-        up = float(_raw(model.run_with_hooks(corrupted, fwd_hooks=[(name, lambda a, hook: nudge(a, hook, 1))]).detach()))
-        down = float(_raw(model.run_with_hooks(corrupted, fwd_hooks=[(name, lambda a, hook: nudge(a, hook, -1))]).detach()))
+        up = float(
+            _raw(model.run_with_hooks(corrupted, fwd_hooks=[(name, lambda a, hook: nudge(a, hook, 1))]).detach())
+        )
+        down = float(
+            _raw(model.run_with_hooks(corrupted, fwd_hooks=[(name, lambda a, hook: nudge(a, hook, -1))]).detach())
+        )
         fd = (up - down) / (2 * eps)
         est = float(approx.values[layer, pos]) - base
         assert est == pytest.approx(fd, rel=0.05, abs=1e-3), (layer, pos, est, fd)
@@ -322,8 +370,11 @@ def test_grid_top_skips_nan_cells_in_every_order():
     from mechlib.results import Grid
 
     g = Grid(torch.tensor([[0.5, float("nan")], [-2.0, 0.1]]), ("layer", "head"))
-    assert [(c, round(v, 3)) for c, v in g.top(10)] == [({"layer": 0, "head": 0}, 0.5), ({"layer": 1, "head": 1}, 0.1),
-                                                         ({"layer": 1, "head": 0}, -2.0)]
+    assert [(c, round(v, 3)) for c, v in g.top(10)] == [
+        ({"layer": 0, "head": 0}, 0.5),
+        ({"layer": 1, "head": 1}, 0.1),
+        ({"layer": 1, "head": 0}, -2.0),
+    ]
     assert [round(v, 3) for _, v in g.top(2, largest=False)] == [-2.0, 0.1]
     assert [round(v, 3) for _, v in g.top(2, absolute=True)] == [-2.0, 0.5]
     assert [round(v, 3) for _, v in g.top(2, absolute=True, largest=False)] == [0.1, 0.5]

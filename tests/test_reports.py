@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mechlib.reports import FindingsRecord, gather, profile
+from mechlib.reports import FindingsRecord, gather, profile, record_stem
 
 
 def _record(name, holds=True):
@@ -35,7 +35,7 @@ def test_save_and_gather_write_json_and_markdown(tmp_path, monkeypatch):
     monkeypatch.setenv("MECHLIB_REPORTS", str(tmp_path))
     monkeypatch.setenv("MECHLIB_PROFILE", "quick")
     path = _record("01_a").save()
-    assert path == tmp_path / "findings" / "01_a.json"
+    assert path == tmp_path / "findings" / "01_a--tiny-2l.json"
     saved = json.loads(path.read_text())
     assert saved["profile"] == "quick" and saved["findings"][0]["details"] == {"threshold": 0.5}
     _record("02_b", holds=False).save()
@@ -56,9 +56,41 @@ def test_profile_rejects_unknown_values(monkeypatch):
 
 
 def test_conclude_saves_prints_then_fails_on_a_finding_that_does_not_hold(tmp_path, capsys):
-    assert _record("03_ok").conclude(tmp_path) == tmp_path / "03_ok.json"
+    assert _record("03_ok").conclude(tmp_path) == tmp_path / "03_ok--tiny-2l.json"
     assert "top-1 is Paris" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="1 finding"):
         _record("03_bad", holds=False).conclude(tmp_path)
     # saved before failing, so the report still shows the failure
-    assert json.loads((tmp_path / "03_bad.json").read_text())["findings"][0]["holds"] is False
+    assert json.loads((tmp_path / "03_bad--tiny-2l.json").read_text())["findings"][0]["holds"] is False
+
+
+def test_check_holds_only_when_the_whole_interval_clears_the_threshold():
+    from mechlib.stats import Estimate
+
+    record = FindingsRecord("00_iv", model="tiny-2l")
+    assert record.check("clear", Estimate(0.8, 0.6, 0.9, 10), above=0.5).holds
+    assert not record.check("point above, interval not", Estimate(0.8, 0.4, 0.9, 10), above=0.5).holds
+    assert record.check("below", Estimate(0.1, 0.0, 0.2, 10), below=0.3).holds
+    assert not record.check("both", Estimate(0.5, 0.35, 0.6, 10), above=0.3, below=0.55).holds
+    saved = record.to_dict()["findings"][0]
+    assert saved["interval"]["low"] == 0.6 and saved["details"] == {"above": 0.5}
+    with pytest.raises(ValueError, match="threshold"):
+        record.check("no threshold", Estimate(0.5, 0.4, 0.6, 3))
+    with pytest.raises(TypeError, match="Estimate"):
+        record.check("a float", 0.5, above=0.1)
+
+
+def test_load_returns_the_saved_record_and_its_details(tmp_path):
+    record = _record("02_x")
+    record.add("circuit", 0.5, holds=True, circuit=["L1H0", "L0H1"])
+    record.save(tmp_path)
+    back = FindingsRecord.load("02_x", "tiny-2l", tmp_path)
+    assert back.findings == record.findings and back.model == "tiny-2l"
+    assert back.detail("circuit") == ["L1H0", "L0H1"]
+    with pytest.raises(KeyError, match="threshold"):
+        back.detail("heads")  # the message lists the details there are
+    assert FindingsRecord.load("02_x", "other-model", tmp_path) is None
+    bad = tmp_path / f"{record_stem('03_y', 'tiny-2l')}.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a findings record"):
+        FindingsRecord.load("03_y", "tiny-2l", tmp_path)

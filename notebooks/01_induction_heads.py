@@ -1,35 +1,42 @@
-"""Write notebooks/01_induction_heads.ipynb (without outputs). Run: python scripts/make_nb_01.py"""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-from nbgen import Cells
+# %% [markdown]
+# # 01 · Induction heads
+#
+# **Finding.** Transformers learn *induction heads*: attention heads that, at the second occurrence of
+# a token `A`, attend to the token that followed the first `A` and copy it (`[A][B] … [A] → [B]`).
+# They are built by composition: a *previous-token head* in an earlier layer writes "the token before
+# me was `A`" into each position, and the induction head's **key** reads it (K-composition). They
+# appear abruptly during training, in a phase change that coincides with a drop in loss late in the
+# context, and in large models they carry most in-context learning on repeated text.
+#
+# We reproduce this on a real model and on a model trained from scratch here:
+#
+# 1. On repeated random tokens, loss on the first repeat is near chance (`ln(vocab)`), loss on the
+#    second repeat is far lower.
+# 2. Scoring every head finds strong induction and previous-token heads.
+# 3. Ablating the top induction heads destroys the second-repeat advantage; ablating as many random
+#    heads of the same layers barely moves it.
+# 4. A 2-layer attention-only model trained here shows the phase change, and its induction head's
+#    keys read the layer-0 previous-token head.
+#
+# *Sources:* Olsson et al. 2022, "In-context Learning and Induction Heads" (Transformer Circuits
+# Thread); Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits".
 
-cells = Cells()
-md, code = cells.md, cells.code
-
-md(r"""
-# 01 · Induction heads
-
-**Finding.** Transformers learn *induction heads*: attention heads that, at the second occurrence of
-a token `A`, attend to the token that followed the first `A` and copy it (`[A][B] … [A] → [B]`).
-They are built by composition: a *previous-token head* in an earlier layer writes "the token before
-me was `A`" into each position, and the induction head's **key** reads it (K-composition). They
-appear abruptly during training, in a phase change that coincides with a drop in loss late in the
-context, and in large models they carry most in-context learning on repeated text.
-
-We reproduce this on a real model and on a model trained from scratch here:
-
-1. On repeated random tokens, loss on the first repeat is near chance (`ln(vocab)`), loss on the
-   second repeat is far lower.
-2. Scoring every head finds strong induction and previous-token heads.
-3. Ablating the top induction heads destroys the second-repeat advantage; ablating as many random
-   heads of the same layers barely moves it.
-4. A 2-layer attention-only model trained here shows the phase change, and its induction head's
-   keys read the layer-0 previous-token head.
-
-*Sources:* Olsson et al. 2022, "In-context Learning and Induction Heads" (Transformer Circuits
-Thread); Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits".
-""")
-
-code(r"""
+# %% tags=["parameters"]
 import mechlib.reports
 
 MODEL = "smollm2-135m"   # or "gpt2-small" where the Hugging Face hub is reachable
@@ -42,12 +49,8 @@ TOP_K = 5                           # induction heads to ablate (GPT-2 small has
 N_CONTROLS = 3                      # random matched-layer head sets for the control
 TOY_STEPS = 2000                    # the phase change comes at ~1100-1300 steps; keep the margin
 TOY_SEED = SEED
-""", )
-cells[-1].metadata["tags"] = ["parameters"]
 
-code(r"""
-import math
-
+# %%
 import matplotlib.pyplot as plt
 import torch
 
@@ -64,39 +67,35 @@ torch.manual_seed(SEED)
 model = mechlib.load_model(MODEL)
 cfg = model.cfg
 print(f"{MODEL}: {cfg.n_layers} layers x {cfg.n_heads} heads, vocab {cfg.d_vocab}, context {cfg.n_ctx}")
-""")
 
-md(r"""
-## 1 · Loss on repeated random tokens
+# %% [markdown]
+# ## 1 · Loss on repeated random tokens
+#
+# Each sequence is `SEG_LEN` tokens drawn uniformly from the vocabulary (special tokens skipped),
+# then the same tokens again. Nothing predicts the first repeat, so no model can beat `ln(vocab)`
+# there on average; a trained language model does worse than that (it bets on its unigram prior,
+# and uniformly drawn tokens are mostly rare ones). On the second repeat every token is predictable
+# by looking back. We leave the first token of each repeat out of its mean (nothing can predict it).
 
-Each sequence is `SEG_LEN` tokens drawn uniformly from the vocabulary (special tokens skipped),
-then the same tokens again. Nothing predicts the first repeat, so no model can beat `ln(vocab)`
-there on average; a trained language model does worse than that (it bets on its unigram prior,
-and uniformly drawn tokens are mostly rare ones). On the second repeat every token is predictable
-by looking back. We leave the first token of each repeat out of its mean (nothing can predict it).
-""")
-
-code(r"""
+# %%
 tokens = repeated_tokens(model, BATCH, SEG_LEN, seed=SEED)
 clean = repeat_loss(model, tokens)
 print(clean)
 print(f"chance ln({clean.vocab}) = {clean.chance:.2f}; first repeat {clean.first:.2f}; second repeat {clean.second:.3f}")
 print(f"in-context-learning score (loss at token {clean.offset + SEG_LEN + SEG_LEN // 2} minus token {clean.offset + SEG_LEN // 2}): {clean.icl_score:.2f} nats")
 clean.plot(label=MODEL);
-""")
 
-md(r"""
-## 2 · Which heads do it?
+# %% [markdown]
+# ## 2 · Which heads do it?
+#
+# For every head, in one forward pass, we measure how much attention goes to the position each score
+# predicts, averaged over the queries where that position exists (targets are found from the tokens):
+#
+# * **induction**: from a repeated token to the token right after its earlier occurrence;
+# * **previous-token**: to the position just before;
+# * **duplicate-token**: to the earlier occurrence of the same token.
 
-For every head, in one forward pass, we measure how much attention goes to the position each score
-predicts, averaged over the queries where that position exists (targets are found from the tokens):
-
-* **induction**: from a repeated token to the token right after its earlier occurrence;
-* **previous-token**: to the position just before;
-* **duplicate-token**: to the earlier occurrence of the same token.
-""")
-
-code(r"""
+# %%
 scores = head_scores(model, tokens)
 induction, prev = scores["induction"], scores["previous_token"]
 top_induction = induction.top(TOP_K)
@@ -108,30 +107,26 @@ fig, axes = plt.subplots(1, 2, figsize=(12, 6))
 induction.plot(ax=axes[0], cmap="Blues", center=None, vmin=0, vmax=1)
 prev.plot(ax=axes[1], cmap="Greens", center=None, vmin=0, vmax=1)
 fig.tight_layout()
-""")
 
-md(r"""
-The attention patterns of the top heads on the first sequence (shortened to 40 tokens: 20 random
-tokens repeated). Induction heads light up an off-diagonal stripe `SEG_LEN - 1` positions back;
-previous-token heads the sub-diagonal. Rendered offline with `mechlib.views` (CircuitsVis).
-""")
+# %% [markdown]
+# The attention patterns of the top heads on the first sequence (shortened to 40 tokens: 20 random
+# tokens repeated). Induction heads light up an off-diagonal stripe `SEG_LEN - 1` positions back;
+# previous-token heads the sub-diagonal. Rendered offline with `mechlib.views` (CircuitsVis).
 
-code(r"""
+# %%
 short = torch.cat([tokens[0, :20], tokens[0, :20]])
 show = [(c["layer"], c["head"]) for c, _ in top_induction[:3]] + [(c["layer"], c["head"]) for c, _ in top_prev[:1]]
 attention_patterns(model, short, heads=show)
-""")
 
-md(r"""
-## 3 · Ablating the induction heads
+# %% [markdown]
+# ## 3 · Ablating the induction heads
+#
+# We mean-ablate the top-`TOP_K` induction heads (each head's output replaced by its average, per
+# position, over a second batch of repeated random tokens, so it carries no information about these
+# tokens) and measure the second-repeat loss again. The control ablates, `N_CONTROLS` times, as many
+# random heads drawn from the same layers.
 
-We mean-ablate the top-`TOP_K` induction heads (each head's output replaced by its average, per
-position, over a second batch of repeated random tokens, so it carries no information about these
-tokens) and measure the second-repeat loss again. The control ablates, `N_CONTROLS` times, as many
-random heads drawn from the same layers.
-""")
-
-code(r"""
+# %%
 reference = repeated_tokens(model, BATCH, SEG_LEN, seed=SEED + 1)
 means = head_means(model, reference)   # {layer: [1, pos, head, d_head]}: one forward pass, reused below
 top_heads = [(c["layer"], c["head"]) for c, _ in top_induction]
@@ -152,44 +147,39 @@ print(f"rise: {rise_top:.3f} vs {rise_control:.3f} nats; factor {factor:.1f}")
 ax = clean.plot(label="clean").axes[0]
 ablated.plot(ax=ax, label=f"top-{TOP_K} induction heads ablated")
 ax.set_title("per-position loss");
-""")
 
-md(r"""
-## 4 · Watching induction heads form: a 2-layer attention-only model
+# %% [markdown]
+# ## 4 · Watching induction heads form: a 2-layer attention-only model
+#
+# We train a 2-layer attention-only transformer (d_model 64, 4 heads per layer, vocabulary 256,
+# context 32) on random tokens containing repeated segments of random length and position (one of
+# 5-15 tokens, two of 2-4: a fixed period would let the model learn a positional shortcut). Every 50
+# steps we measure, on a fixed batch of 16 random tokens repeated, the loss on both halves and every
+# head's scores.
 
-We train a 2-layer attention-only transformer (d_model 64, 4 heads per layer, vocabulary 256,
-context 32) on random tokens containing repeated segments of random length and position (one of
-5-15 tokens, two of 2-4: a fixed period would let the model learn a positional shortcut). Every 50
-steps we measure, on a fixed batch of 16 random tokens repeated, the loss on both halves and every
-head's scores. About a minute on one CPU core.
-""")
-
-code(r"""
+# %%
 toy = train_induction_model(TOY_STEPS, seed=TOY_SEED)
 phase_step = toy.phase_change_step()
 summary = toy.summary()
 print(summary)
 toy.plot();
-""")
 
-code(r"""
+# %%
 final = toy.scores()
 fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
 final["previous_token"].plot(ax=axes[0], cmap="Greens", center=None, vmin=0, vmax=1)
 final["induction"].plot(ax=axes[1], cmap="Blues", center=None, vmin=0, vmax=1)
 fig.tight_layout()
-""")
 
-md(r"""
-**K-composition.** If the layer-1 induction head finds its target by matching its query (the current
-token) against keys that carry "the previous token was ...", then removing the layer-0
-previous-token head *from layer 1's keys only* should destroy induction, while removing it from
-layer 1's queries should not. We mean-ablate the previous-token head and patch the resulting layer-1
-keys (or queries) into an otherwise clean run; as a control we do the same with the layer-0 head
-that scores lowest as a previous-token head.
-""")
+# %% [markdown]
+# **K-composition.** If the layer-1 induction head finds its target by matching its query (the current
+# token) against keys that carry "the previous token was ...", then removing the layer-0
+# previous-token head *from layer 1's keys only* should destroy induction, while removing it from
+# layer 1's queries should not. We mean-ablate the previous-token head and patch the resulting layer-1
+# keys (or queries) into an otherwise clean run; as a control we do the same with the layer-0 head
+# that scores lowest as a previous-token head.
 
-code(r"""
+# %%
 toy_model, toy_tokens = toy.model, toy.eval_tokens
 toy_reference = repeated_tokens(toy_model, toy_tokens.shape[0], toy_tokens.shape[1] // 2, seed=TOY_SEED + 1)
 prev0 = final["previous_token"].values[0]
@@ -210,29 +200,27 @@ for k, (s, l) in rows.items():
 k_prev = rows[f"{head_label(*prev_head)} (previous-token head) removed from layer-1 keys"][0]
 q_prev = rows[f"{head_label(*prev_head)} (previous-token head) removed from layer-1 queries"][0]
 k_other = rows[f"{head_label(*other_head)} (control head) removed from layer-1 keys"][0]
-""")
 
-md(r"""
-## 5 · Findings, beside the published ones
+# %% [markdown]
+# ## 5 · Findings, beside the published ones
+#
+# GPT-2 small's strongest induction heads on repeated random tokens are 5.1, 5.5, 6.9, 7.2 and 7.10,
+# its previous-token heads 4.11 and 2.2; the TransformerLens 2-layer attention-only model has
+# induction heads 1.4 and 1.10 and previous-token head 0.7 (see `/work/shared/reference/findings.md`).
+# Olsson et al. report an in-context-learning score of about -0.4 nats after the phase change.
+#
+# Thresholds. The first repeat cannot be predicted, so its loss must be at least about `ln(vocab)`
+# (we allow 10% below for sampling noise); a random model would also have second-repeat loss near
+# `ln(vocab)`, far above the quarter we require. A head that attended uniformly over a sequence of `2·SEG_LEN` tokens would put
+# about `1/SEG_LEN` on the induction target, and a random model's heads score near
+# that; we require the top induction head to put **more than half** of its attention on the target,
+# and the top-`TOP_K` mean to exceed 0.3. We require the top-k ablation to raise the second-repeat
+# loss by at least 1 nat and **5 times** more than matched random heads, and the toy model to show
+# a phase change (second-repeat loss below half the first-repeat loss) with a layer-0
+# previous-token head and a layer-1 induction head both above 0.5, whose induction collapses (below
+# half) when the previous-token head is removed from layer 1's keys.
 
-GPT-2 small's strongest induction heads on repeated random tokens are 5.1, 5.5, 6.9, 7.2 and 7.10,
-its previous-token heads 4.11 and 2.2; the TransformerLens 2-layer attention-only model has
-induction heads 1.4 and 1.10 and previous-token head 0.7 (see `/work/shared/reference/findings.md`).
-Olsson et al. report an in-context-learning score of about -0.4 nats after the phase change.
-
-Thresholds. The first repeat cannot be predicted, so its loss must be at least about `ln(vocab)`
-(we allow 10% below for sampling noise); a random model would also have second-repeat loss near
-`ln(vocab)`, far above the quarter we require. A head that attended uniformly over a sequence of `2·SEG_LEN` tokens would put
-about `1/SEG_LEN` on the induction target (≤ 0.02 here), and a random model's heads score near
-that; we require the top induction head to put **more than half** of its attention on the target,
-and the top-`TOP_K` mean to exceed 0.3. We require the top-k ablation to raise the second-repeat
-loss by at least 1 nat and **5 times** more than matched random heads, and the toy model to show
-a phase change (second-repeat loss below half the first-repeat loss) with a layer-0
-previous-token head and a layer-1 induction head both above 0.5, whose induction collapses (below
-half) when the previous-token head is removed from layer 1's keys.
-""")
-
-code(r"""
+# %%
 record = FindingsRecord("01_induction_heads", model=MODEL)
 record.parameters = dict(batch=BATCH, seg_len=SEG_LEN, top_k=TOP_K, n_controls=N_CONTROLS, toy_steps=TOY_STEPS, seed=SEED)
 top_score = top_induction[0][1]
@@ -269,6 +257,3 @@ record.add(
     reference="induction heads use K-composition with a previous-token head", source="Elhage et al. 2021",
 )
 record.conclude()
-""")
-
-cells.write("01_induction_heads.ipynb")

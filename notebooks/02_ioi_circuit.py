@@ -1,36 +1,43 @@
-"""Write notebooks/02_ioi_circuit.ipynb (without outputs). Run: python scripts/make_nb_02.py"""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-from nbgen import Cells
+# %% [markdown]
+# # 02 · The indirect-object-identification circuit
+#
+# **Finding.** Given *"When Mary and John went to the store, John gave a drink to"*, a language model
+# predicts *" Mary"*: the **indirect object** (IO), not the repeated **subject** (S). Wang et al. (2022)
+# reverse-engineered how GPT-2 small does it, with a circuit of 26 attention heads in classes:
+#
+# * **name movers** (9.9, 9.6, 10.0) at the last token attend to IO and copy it to the logits;
+#   **negative name movers** (10.7, 11.10) do the same with the opposite sign;
+# * **S-inhibition heads** (7.3, 7.9, 8.6, 8.10) tell the name movers' *queries* to avoid S;
+# * **induction** (5.5, 6.9) and **duplicate-token heads** (0.1, 3.0) at S2 detect that S is repeated,
+#   which the S-inhibition heads read; previous-token heads (2.2, 4.11) feed the induction heads;
+# * mean-ablating every other head keeps 87% of the logit difference.
+#
+# SmolLM2-135M (30 layers x 9 query heads, 3 KV heads) has no published circuit: this notebook
+# **discovers** it with the same tools, class by class, and checks each class the way the paper did:
+# direct logit attribution (who writes the answer), attention (to IO or to S?), activation patching
+# (which heads matter at all), path patching (through which path), head scores (induction, duplicate
+# tokens), and mean ablation of everything outside the circuit (faithfulness). It also checks
+# attribution patching (the gradient approximation) against exact patching on the head grid.
+#
+# *Sources:* Wang et al. 2022, "Interpretability in the Wild: a Circuit for Indirect Object
+# Identification in GPT-2 small", arXiv 2211.00593; Nanda 2023, "Attribution Patching".
 
-cells = Cells()
-md, code = cells.md, cells.code
-
-md(r"""
-# 02 · The indirect-object-identification circuit
-
-**Finding.** Given *"When Mary and John went to the store, John gave a drink to"*, a language model
-predicts *" Mary"*: the **indirect object** (IO), not the repeated **subject** (S). Wang et al. (2022)
-reverse-engineered how GPT-2 small does it, with a circuit of 26 attention heads in classes:
-
-* **name movers** (9.9, 9.6, 10.0) at the last token attend to IO and copy it to the logits;
-  **negative name movers** (10.7, 11.10) do the same with the opposite sign;
-* **S-inhibition heads** (7.3, 7.9, 8.6, 8.10) tell the name movers' *queries* to avoid S;
-* **induction** (5.5, 6.9) and **duplicate-token heads** (0.1, 3.0) at S2 detect that S is repeated,
-  which the S-inhibition heads read; previous-token heads (2.2, 4.11) feed the induction heads;
-* mean-ablating every other head keeps 87% of the logit difference.
-
-SmolLM2-135M (30 layers x 9 query heads, 3 KV heads) has no published circuit: this notebook
-**discovers** it with the same tools, class by class, and checks each class the way the paper did:
-direct logit attribution (who writes the answer), attention (to IO or to S?), activation patching
-(which heads matter at all), path patching (through which path), head scores (induction, duplicate
-tokens), and mean ablation of everything outside the circuit (faithfulness). It also checks
-attribution patching (the gradient approximation) against exact patching on the head grid.
-
-*Sources:* Wang et al. 2022, "Interpretability in the Wild: a Circuit for Indirect Object
-Identification in GPT-2 small", arXiv 2211.00593; Nanda 2023, "Attribution Patching".
-""")
-
-code(r"""
+# %% tags=["parameters"]
 import mechlib.reports
 
 MODEL = "smollm2-135m"   # or "gpt2-small" where the Hugging Face hub is reachable
@@ -44,13 +51,10 @@ MAX_CLASS = 4                        # at most this many heads per upstream clas
 N_RANDOM = 5 if QUICK else 20        # random circuits of the same size, for the faithfulness control
 SENDER_SPAN = 10 if QUICK else None  # path patching sweeps senders from this many layers below the
                                      # receivers (None: every earlier layer)
-""")
-cells[-1].metadata["tags"] = ["parameters"]
 
-code(r"""
+# %%
 import random
 
-import matplotlib.pyplot as plt
 import torch
 
 import mechlib
@@ -59,8 +63,8 @@ from mechlib.induction import head_scores, repeated_tokens
 from mechlib.ioi import ioi_baseline, make_ioi_dataset
 from mechlib.logit_attribution import direct_logit_attribution, ioi_logit_attribution
 from mechlib.metrics import ioi_metric
-from mechlib.path_patching import path_patch, path_patch_sweep
 from mechlib.patching import evaluate_circuit, head_attention, patch
+from mechlib.path_patching import path_patch, path_patch_sweep
 from mechlib.reports import FindingsRecord
 from mechlib.results import head_label, parse_head
 
@@ -73,54 +77,48 @@ metric = ioi_metric(ds)              # logit(IO) - logit(S) at END, per prompt
 ALL = [(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
 print(f"{MODEL}: {cfg.n_layers} layers x {cfg.n_heads} heads ({getattr(cfg, 'n_key_value_heads', None) or cfg.n_heads} KV heads)")
 print(ds.report())
-""")
 
-md(r"""
-## 1 · Baseline
+# %% [markdown]
+# ## 1 · Baseline
+#
+# The metric throughout is the **logit difference** `logit(IO) - logit(S)` at the last token (END).
+# The ABC corruption replaces all three names by fresh ones, so no name repeats: the signal the
+# circuit uses is gone, while the template, place and object stay.
 
-The metric throughout is the **logit difference** `logit(IO) - logit(S)` at the last token (END).
-The ABC corruption replaces all three names by fresh ones, so no name repeats: the signal the
-circuit uses is gone, while the template, place and object stay.
-""")
-
-code(r"""
+# %%
 base = ioi_baseline(model, ds)
 print(base)
 LD = base.logit_diff
-""")
 
-md(r"""
-## 2 · Direct logit attribution: which heads write the answer
+# %% [markdown]
+# ## 2 · Direct logit attribution: which heads write the answer
+#
+# Each head's output at END, projected on the `IO - S` unembedding direction (final norm scale frozen),
+# averaged over prompts. Heads that write a large share of the logit difference, in either direction,
+# are the candidates for the last stage of the circuit.
 
-Each head's output at END, projected on the `IO - S` unembedding direction (final norm scale frozen),
-averaged over prompts. Heads that write a large share of the logit difference, in either direction,
-are the candidates for the last stage of the circuit.
-""")
-
-code(r"""
+# %%
 dla = ioi_logit_attribution(model, ds, progress=False)
 print(dla.summary(k=8))
 direct = [(c["layer"], c["head"]) for c, v in dla.heads.top(len(ALL), absolute=True) if abs(v) >= DLA_FRAC * LD]
 print(f"heads with |DLA| >= {DLA_FRAC:.0%} of the logit diff ({DLA_FRAC * LD:.2f}):",
       ", ".join(f"{head_label(*h)} {float(dla.heads.values[h]):+.2f}" for h in direct))
 dla.heads.plot();
-""")
 
-md(r"""
-## 3 · Where do they look? Attention from END to IO and to S
+# %% [markdown]
+# ## 3 · Where do they look? Attention from END to IO and to S
+#
+# A name mover attends from END to the IO token and copies it. We measure, per head, the attention
+# from END to IO, to S1 and to S2, averaged over prompts, and classify the direct heads:
+#
+# * **name movers**: positive DLA, attend to IO more than to both S tokens together;
+# * **negative name movers**: negative DLA, attend to IO more than to S;
+# * **S-suppression heads** (no GPT-2 counterpart in the paper, but the mirror image of its negative
+#   name movers, and of copy suppression): positive DLA while attending to **S**, i.e. they push the
+#   S logit *down*. We check that by attributing the S logit alone;
+# * the rest write to the logits without looking at either name.
 
-A name mover attends from END to the IO token and copies it. We measure, per head, the attention
-from END to IO, to S1 and to S2, averaged over prompts, and classify the direct heads:
-
-* **name movers**: positive DLA, attend to IO more than to both S tokens together;
-* **negative name movers**: negative DLA, attend to IO more than to S;
-* **S-suppression heads** (no GPT-2 counterpart in the paper, but the mirror image of its negative
-  name movers, and of copy suppression): positive DLA while attending to **S**, i.e. they push the
-  S logit *down*. We check that by attributing the S logit alone;
-* the rest write to the logits without looking at either name.
-""")
-
-code(r"""
+# %%
 keys = {"IO": ds.pos("IO"), "S1": ds.pos("S1"), "S2": ds.pos("S2")}
 att = head_attention(model, ds.tokens, [head_label(*h) for h in direct], ds.pos("END"), keys)
 s_dla = direct_logit_attribution(model, ds.tokens, ds.s_ids, pos=ds.pos("END"), progress=False).heads
@@ -143,45 +141,42 @@ for k, v in classes.items():
     print(f"{k:>20}: {', '.join(head_label(*h) for h in v) or '-'}")
 NM, NEG, SSUP = classes["name mover"], classes["negative name mover"], classes["S-suppression"]
 att.plot(cmap="Blues", center=None);
-""")
 
-code(r"""
+# %%
 # Per prompt: does each name mover attend to IO more than to S (S1 + S2)?
 nm_att = head_attention(model, ds.tokens, [head_label(*h) for h in NM], ds.pos("END"), keys)
 per = nm_att.meta["per_prompt"]                       # [head, key, prompt]
 io_over_s = (per[:, 0] > per[:, 1] + per[:, 2]).float().mean(1)
 for h, frac in zip(NM, io_over_s.tolist()):
     print(f"{head_label(*h)} attends to IO more than to S on {frac:.0%} of prompts")
-nm_io = float(per[:, 0].mean()); nm_s = float((per[:, 1] + per[:, 2]).mean())
+nm_io = float(per[:, 0].mean())
+nm_s = float((per[:, 1] + per[:, 2]).mean())
 print(f"name movers, mean attention END->IO {nm_io:.3f} vs END->S {nm_s:.3f}")
-""")
 
-md(r"""
-## 4 · Activation patching of every head
+# %% [markdown]
+# ## 4 · Activation patching of every head
+#
+# Noising, all positions at once: each head's output is replaced by its output on the ABC prompt, in
+# the clean run. `1` = no effect, `0` = as bad as the fully corrupted run. Heads far below 1 carry
+# the task; heads above 1 were working *against* it (negative name movers). Heads that matter
+# without writing to the logits directly are upstream: next we find out what they feed.
 
-Noising, all positions at once: each head's output is replaced by its output on the ABC prompt, in
-the clean run. `1` = no effect, `0` = as bad as the fully corrupted run. Heads far below 1 carry
-the task; heads above 1 were working *against* it (negative name movers). Heads that matter
-without writing to the logits directly are upstream: next we find out what they feed.
-""")
-
-code(r"""
+# %%
 exact = patch(model, ds.tokens, ds.corrupted_tokens, metric, "head_out", direction="noise", progress=False)
 print("most damaging when noised:", ", ".join(f"{exact.label(**c)} {v:.2f}" for c, v in exact.top(10, largest=False)))
 print("most helpful when noised: ", ", ".join(f"{exact.label(**c)} {v:.2f}" for c, v in exact.top(5)))
 exact.plot();
-""")
 
-md(r"""
-## 5 · Path patching: S-inhibition heads act through the name movers' queries
 
-The paper's S-inhibition heads were found by path patching into the name movers' **queries**: the
-sender's corrupted output reaches only the name movers' query input, every other head is frozen to
-its clean output (MLPs recomputed, as in the paper). On SmolLM2 a query belongs to one query head,
-so the receivers are exactly the name movers (keys and values would be shared by a KV group of 3).
-""")
+# %% [markdown]
+# ## 5 · Path patching: S-inhibition heads act through the name movers' queries
+#
+# The paper's S-inhibition heads were found by path patching into the name movers' **queries**: the
+# sender's corrupted output reaches only the name movers' query input, every other head is frozen to
+# its clean output (MLPs recomputed, as in the paper). On SmolLM2 a query belongs to one query head,
+# so the receivers are exactly the name movers (keys and values would be shared by a KV group of 3).
 
-code(r"""
+# %%
 def senders_below(layer):
     lo = 0 if SENDER_SPAN is None else max(0, layer - SENDER_SPAN)
     return [(l, h) for l in range(lo, layer) for h in range(cfg.n_heads)]
@@ -194,9 +189,8 @@ print("senders -> name movers' queries, lowest:",
 SINH = [(c["layer"], c["head"]) for c, v in pq.top(MAX_CLASS, largest=False) if 1 - v >= PATH_FRAC]
 print("S-inhibition-like heads:", ", ".join(head_label(*h) for h in SINH))
 pq.plot();
-""")
 
-code(r"""
+# %%
 # The class together, through the name movers' queries only; and a control: as many random heads
 # from the same layers (none of the class).
 sinh_path = path_patch(model, ds.tokens, ds.corrupted_tokens, metric, SINH, [head_label(*h) for h in NM], component="q")
@@ -211,23 +205,21 @@ print(f"S-inhibition class -> name-mover queries carries {sinh_path.effect:.1%} 
 # Where do the S-inhibition heads look? In GPT-2 they attend from END to S2.
 sinh_att = head_attention(model, ds.tokens, [head_label(*h) for h in SINH], ds.pos("END"), keys)
 print(sinh_att.values)
-""")
 
-md(r"""
-## 6 · Upstream: induction, duplicate-token and previous-token heads
+# %% [markdown]
+# ## 6 · Upstream: induction, duplicate-token and previous-token heads
+#
+# In GPT-2 the S-inhibition heads learn that S is repeated from heads at S2: **duplicate-token heads**
+# (attend from S2 to S1) and **induction heads** (attend from S2 to S1+1), the latter fed by
+# **previous-token heads**. We take the heads below the S-inhibition heads whose activation patching
+# (section 4) moves the logit difference by at least `PATH_FRAC`, and classify them by what they do:
+# their attention from S2 on the IOI prompts, and `mechlib.induction`'s scores on repeated random
+# tokens. Then path patching checks the routes: the duplicate and induction heads into the
+# S-inhibition heads' keys and values (on SmolLM2 keys and values belong to KV heads shared by three
+# query heads: the result's meta lists the KV heads patched), and the previous-token heads into the
+# induction heads' keys (K-composition).
 
-In GPT-2 the S-inhibition heads learn that S is repeated from heads at S2: **duplicate-token heads**
-(attend from S2 to S1) and **induction heads** (attend from S2 to S1+1), the latter fed by
-**previous-token heads**. We take the heads below the S-inhibition heads whose activation patching
-(section 4) moves the logit difference by at least `PATH_FRAC`, and classify them by what they do:
-their attention from S2 on the IOI prompts, and `mechlib.induction`'s scores on repeated random
-tokens. Then path patching checks the routes: the duplicate and induction heads into the
-S-inhibition heads' keys and values (on SmolLM2 keys and values belong to KV heads shared by three
-query heads: the result's meta lists the KV heads patched), and the previous-token heads into the
-induction heads' keys (K-composition).
-""")
-
-code(r"""
+# %%
 scores = head_scores(model, repeated_tokens(model, 8, 40, seed=SEED))
 s2 = head_attention(model, ds.tokens, [head_label(*h) for h in ALL], ds.pos("S2"),
                     {"S1": ds.pos("S1"), "S1+1": ds.pos("S1+1")})
@@ -250,9 +242,8 @@ for name, hs in (("induction", IND), ("duplicate-token", DUP), ("previous-token"
               f"previous {float(scores['previous_token'].values[h]):.2f}")
 for kind in ("induction", "duplicate_token", "previous_token"):
     print(f"top {kind} heads (repeated tokens):", ", ".join(f"{scores[kind].label(**c)} {v:.2f}" for c, v in scores[kind].top(5)))
-""")
 
-code(r"""
+# %%
 sinh_names = [head_label(*h) for h in SINH]
 routes = {}
 if IND + DUP:
@@ -264,18 +255,16 @@ if PREV and IND:
         model, ds.tokens, ds.corrupted_tokens, metric, PREV, [head_label(*h) for h in IND], component="k")
 for name, r in routes.items():
     print(f"{name}: effect {r.effect:.1%}  (KV heads patched: {r.meta.get('kv_receivers')})")
-""")
 
-md(r"""
-## 7 · The assembled circuit: faithfulness
+# %% [markdown]
+# ## 7 · The assembled circuit: faithfulness
+#
+# Every head outside the circuit is mean-ablated (its output replaced by its mean over the ABC
+# prompts of the same template, per position: the paper's procedure), MLPs and embeddings left as
+# they are. Faithfulness = the circuit's logit difference / the full model's. A random set of as
+# many heads, ablating the rest the same way, is the control.
 
-Every head outside the circuit is mean-ablated (its output replaced by its mean over the ABC
-prompts of the same template, per position: the paper's procedure), MLPs and embeddings left as
-they are. Faithfulness = the circuit's logit difference / the full model's. A random set of as
-many heads, ablating the rest the same way, is the control.
-""")
-
-code(r"""
+# %%
 CIRCUIT = sorted(set(NM + NEG + SSUP + classes["other direct"] + SINH + IND + DUP + PREV))
 groups = ds.template_ids.tolist()
 circ = evaluate_circuit(model, ds.tokens, CIRCUIT, metric, reference=ds.corrupted_tokens, groups=groups)
@@ -288,63 +277,98 @@ print(f"random circuits of {len(CIRCUIT)} heads: faithfulness {', '.join(f'{r:.2
 no_nm = evaluate_circuit(model, ds.tokens, [h for h in CIRCUIT if h not in NM], metric,
                          reference=ds.corrupted_tokens, groups=groups)
 print(f"circuit without its name movers: faithfulness {no_nm.faithfulness:.2f}")
-""")
 
-md(r"""
-## 8 · Attribution patching against exact patching
+# %% [markdown]
+# ## 8 · Attribution patching against exact patching
+#
+# The gradient approximation of the same head grid (section 4) from two forward passes and one
+# backward pass. Nanda found it good for head outputs on GPT-2 small's IOI.
 
-The gradient approximation of the same head grid (section 4) from two forward passes and one
-backward pass. Nanda found it good for head outputs on GPT-2 small's IOI.
-""")
-
-code(r"""
+# %%
 approx = attribution_patch(model, ds.tokens, ds.corrupted_tokens, metric, "head_out", direction="noise")
 cmp = compare(approx, exact)
 print(cmp)
 cmp.plot();
-""")
 
-md(r"""
-## 9 · The circuit, in the paper's terms
+# %% [markdown]
+# ## 9 · The circuit, in the paper's terms
+#
+# The classes this run found, beside the paper's GPT-2 small heads, with the measurements that put
+# each head in its class. The table and the summary below are rendered from this run's
+# measurements; the findings record at the end re-derives every class from them, never from text.
+# What to look for:
+#
+# * the **last stage** (name movers, negative name movers) should sit in the late layers, as in
+#   GPT-2 small (layers 9-11 of 12): name movers attend from END to IO and copy it, negative name
+#   movers write against IO;
+# * an **S-suppression** head (not in the paper) attends from END to S2 and pushes the S logit
+#   down: the mirror image of a negative name mover, close to copy suppression;
+# * the **S-inhibition heads** attend from END to S2 and act through the name movers' **queries**;
+#   they read, through their keys and values at S2, the heads that detect the repeated name:
+#   **induction heads** (fed by **previous-token heads** through their keys) and **duplicate-token
+#   heads**. Where a model shares keys and values between query heads (grouped-query attention,
+#   as SmolLM2), those paths end at KV heads: no finer split exists for them;
+# * **faithfulness** is compared with the paper's 87% with 26 heads, and with random circuits of
+#   the same size. What the circuit keeps without its name movers shows whether other heads back
+#   them up, as the paper's backup name movers did; what it misses can be carried by MLPs'
+#   interaction with ablated heads and by heads below the effect thresholds.
 
-The printed classes above are what this run measured. On SmolLM2-135M with the default seed (quick
-profile, 12 prompts) they read as follows; the assertions below re-derive every class from the
-measurements, never from this text.
+# %%
+from IPython.display import Markdown
 
-| class | SmolLM2-135M (found here) | GPT-2 small (paper) | evidence here |
-|---|---|---|---|
-| name movers | L23H0, L23H7, L23H1, L23H2 | 9.9, 9.6, 10.0 | DLA +2.3 together; END->IO 0.55 vs END->S 0.23 |
-| negative name mover | L24H4 | 10.7, 11.10 | attends to IO (0.70), DLA -1.07 |
-| S-suppression (new) | L23H3 | (none listed) | attends END->S2 (0.58), S logit -2.3: the largest head by DLA, activation and path patching |
-| S-inhibition | L20H0, L19H2 | 7.3, 7.9, 8.6, 8.10 | attend END->S2 (0.76, 0.39); path patching into the name movers' queries alone: 40% of the effect (random same-layer heads: ~0%) |
-| induction | L17H4 | 5.5, 6.9 | S2->S1+1 attention 0.83; induction score 0.75 |
-| previous-token | L16H0 | 2.2, 4.11 | previous-token score 0.91; path into L17H4's keys: 31% of the effect (K-composition) |
-| duplicate-token | L14H3, L8H0, L15H7 | 0.1, 3.0 | S2->S1 attention 0.65, 0.57, 0.37 |
 
-* The **last stage** sits at layers 23-24 of 30 (GPT-2 small: 9-11 of 12): name movers attend from END
-  to IO and copy it; a negative name mover in the next layer writes against IO, as in GPT-2.
-* A head the paper does not list does the most work: **L23H3 attends from END to S2 and pushes the
-  S logit down** (the mirror image of a negative name mover, close to copy suppression). Noising it
-  alone halves the logit difference.
-* The **S-inhibition heads** L20H0 and L19H2 attend from END to S2 and act through the name movers'
-  **queries** (path patching, other heads frozen).
-* They read, through their **values** at S2 (29% of the effect; through their keys only 2%), the
-  heads that detect the repeated name: the **induction head** L17H4 (itself fed by the
-  **previous-token head** L16H0 through its keys) and **duplicate-token heads** L14H3, L8H0, L15H7.
-  On SmolLM2 these keys and values belong to KV heads L19KV0 and L20KV0, each shared by three
-  query heads: a finer split than query heads does not exist for them.
-* **Faithfulness.** Mean-ablating the other 252 heads (ABC means per template) keeps 55% of the
-  logit difference with 18 heads on the quick profile's 12 prompts, and 88% with 17 heads on the
-  full profile's 32 prompts (GPT-2 small: 87% with 26 heads); random circuits of the same size
-  keep none (about -0.1). Without its name
-  movers the circuit still keeps 36% (quick profile): part of what they do survives elsewhere, as
-  the paper's backup name movers did. What the circuit misses is carried by MLPs' interaction with
-  ablated heads and by heads below the effect thresholds.
-* **Attribution patching** ranks heads like exact patching (r = 0.86 over 270 heads).
-""")
+def heads(hs):
+    return ", ".join(head_label(*h) for h in hs) or "none found"
 
-code(r"""
+
+def each(hs, describe):
+    return "; ".join(f"{head_label(*h)}: {describe(h)}" for h in hs) or "-"
+
+
 nm_dla = sum(float(dla.heads.values[h]) for h in NM)
+att_of = {h: att.values[i] for i, h in enumerate(direct)}  # END -> IO, S1, S2
+dla_rank = {(c["layer"], c["head"]): rank for rank, (c, _) in enumerate(dla.heads.top(len(ALL), absolute=True), 1)}
+route = {name: r.effect for name, r in routes.items()}
+kv = sorted({str(k) for r in routes.values() for k in (r.meta.get("kv_receivers") or [])})
+CLASSES = {  # class -> (heads, GPT-2 small's heads in the paper, evidence measured here)
+    "name movers": (NM, "9.9, 9.6, 10.0",
+                    f"DLA {nm_dla:+.2f} together; END->IO {nm_io:.2f} vs END->S {nm_s:.2f}"),
+    "negative name movers": (NEG, "10.7, 11.10", each(NEG, lambda h: (
+        f"END->IO {float(att_of[h][0]):.2f}, DLA {float(dla.heads.values[h]):+.2f}"))),
+    "S-suppression (new)": (SSUP, "(none listed)", each(SSUP, lambda h: (
+        f"END->S2 {float(att_of[h][2]):.2f}, S logit {float(s_dla.values[h]):+.2f}, "
+        f"rank {dla_rank[h]} of {len(ALL)} by abs DLA, noised alone: {float(exact.values[h]):.2f} of the logit diff"))),
+    "other direct": (classes["other direct"], "-", each(classes["other direct"], lambda h: (
+        f"DLA {float(dla.heads.values[h]):+.2f}"))),
+    "S-inhibition": (SINH, "7.3, 7.9, 8.6, 8.10",
+                     f"END->S2 {', '.join(f'{float(v):.2f}' for v in sinh_att.values[:, 2])}; path into the name movers' "
+                     f"queries alone: {sinh_path.effect:.0%} of the effect (random same-layer heads: "
+                     f"{', '.join(f'{c:.0%}' for c in controls)})"),
+    "induction": (IND, "5.5, 6.9", each(IND, lambda h: (
+        f"S2->S1+1 {float(ind_ioi[h]):.2f}, induction score {float(scores['induction'].values[h]):.2f}"))),
+    "previous-token": (PREV, "2.2, 4.11", each(PREV, lambda h: (
+        f"previous-token score {float(scores['previous_token'].values[h]):.2f}"))
+        + (f"; path into the induction heads' keys: {route['previous-token -> induction k']:.0%}"
+           if "previous-token -> induction k" in route else "")),
+    "duplicate-token": (DUP, "0.1, 3.0", each(DUP, lambda h: f"S2->S1 {float(dup_ioi[h]):.2f}")),
+}
+table = [f"| class | {MODEL} (found here) | GPT-2 small (paper) | evidence here |", "|---|---|---|---|"]
+table += [f"| {name} | {heads(hs)} | {paper} | {evidence} |" for name, (hs, paper, evidence) in CLASSES.items()]
+last = sorted({l for l, _ in NM + NEG})
+summary = [
+    f"* **Last stage**: layers {', '.join(map(str, last))} of {cfg.n_layers} (GPT-2 small: 9-11 of 12).",
+    "* **Routes into the S-inhibition heads and the induction heads** (share of the effect): "
+    + (", ".join(f"{name} {effect:.0%}" for name, effect in route.items()) or "none tested")
+    + (f"; KV heads patched: {', '.join(kv)}" if kv else "") + ".",
+    f"* **Faithfulness** ({'quick' if QUICK else 'full'} profile, {N_PROMPTS} prompts): mean-ablating the other "
+    f"{len(ALL) - len(CIRCUIT)} heads keeps {circ.faithfulness:.0%} of the logit difference with {len(CIRCUIT)} heads "
+    f"(GPT-2 small: 87% with 26); random circuits of the same size keep {sum(rand) / len(rand):+.2f} on average; "
+    f"without its name movers the circuit keeps {no_nm.faithfulness:.0%}.",
+    f"* **Attribution patching** against exact patching: r = {cmp.correlation:.2f} over {cmp.n} heads.",
+]
+Markdown("\n".join(table) + "\n\n" + "\n".join(summary))
+
+# %%
 record = FindingsRecord("02_ioi_circuit", model=MODEL)
 record.add(
     claim="The model does IOI: positive mean logit difference IO - S, IO > S on most prompts",
@@ -382,6 +406,10 @@ record.add(
     measured={"n_heads": len(CIRCUIT), "faithfulness": round(circ.faithfulness, 3), "random_mean": round(sum(rand) / len(rand), 3), "random_max": round(max(rand), 3)},
     reference="GPT-2 small: 87% of the logit diff kept by 26 heads",
     source="Wang et al. 2022", holds=circ.faithfulness > 0.4 and circ.faithfulness > sum(rand) / len(rand) + 0.3 and circ.faithfulness > max(rand),
+    # everything needed to re-check the claim elsewhere: every head of the circuit, by class
+    circuit=[head_label(*h) for h in CIRCUIT],
+    classes={name: [head_label(*h) for h in hs] for name, (hs, _, _) in CLASSES.items()},
+    without_name_movers=round(no_nm.faithfulness, 3), n_prompts=N_PROMPTS,
 )
 record.add(
     claim="Attribution patching approximates exact activation patching on the head grid",
@@ -390,6 +418,3 @@ record.add(
     source="Nanda 2023", holds=cmp.correlation > 0.6,
 )
 record.conclude()
-""")
-
-cells.write("02_ioi_circuit.ipynb")
