@@ -2,7 +2,8 @@
 #   make reproduce   execute every notebook on each of MODELS, offline; write reports/ (findings,
 #                    executed notebooks, index.html) and the README's findings section; print findings
 #                    e.g. make reproduce MODELS="smollm2-135m gemma3-270m" PARAMS="-p SEED=1"
-#   make test        ruff (lint) + unit tests + every notebook executed top to bottom (quick profile)
+#   make test        ruff (lint) + unit tests + every notebook executed top to bottom on each packaged
+#                    model (quick profile), in TEST_WORKERS pytest-xdist processes
 #   make lab         JupyterLab on notebooks/ with this environment's kernel (pairs .py and .ipynb)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,8 +17,11 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 # make reproduce: the models every notebook runs on, and parameters injected into every notebook
 # (after its `parameters` cell; a name every notebook defines), e.g. PARAMS="-p SEED=1".
-MODELS ?= smollm2-135m
+MODELS ?= smollm2-135m gemma3-270m
 PARAMS ?=
+# make test: pytest-xdist worker processes; the cores are shared between them (tests/conftest.py
+# sets MECHLIB_THREADS to each worker's share), and the notebook runs, longest first, start first.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint unit reproduce lab sync benchmarks clean-env
 
@@ -42,7 +46,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup lint
-	MECHLIB_PROFILE=quick $(PY) -m pytest tests --durations=8
+	MECHLIB_PROFILE=quick $(PY) -m pytest tests -n $(TEST_WORKERS) --maxschedchunk=1 --durations=8
 
 lint: setup
 	$(VENV)/bin/ruff check .

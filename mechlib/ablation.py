@@ -37,7 +37,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from jaxtyping import Float, Int
 
+from mechlib.backends import get_backend
+from mechlib.interventions import Intervention, Replace, Site, Zero
+from mechlib.metrics import as_metric
 from mechlib.results import head_label
+from mechlib.types import Model
 from mechlib.validate import choice, head_specs, layer_list, str_list, token_tensor, whole
 
 __all__ = [
@@ -62,11 +66,11 @@ def z_hook_name(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
-def normalize_heads(model: Any, heads: Union[HeadSpec, Iterable[HeadSpec]]) -> list[tuple[int, int]]:
+def normalize_heads(model: Model, heads: Union[HeadSpec, Iterable[HeadSpec]]) -> list[tuple[int, int]]:
     """Heads as sorted unique ``(layer, head)`` tuples, checked against the model.
 
     Args:
-        model: Anything with ``cfg.n_layers`` and ``cfg.n_heads``.
+        model: The model (only ``cfg.n_layers`` and ``cfg.n_heads`` are read).
         heads: ``"L5H1"``, ``(5, 1)``, or an iterable of them.
 
     Raises:
@@ -83,7 +87,7 @@ def _by_layer(heads: list[tuple[int, int]]) -> dict[int, list[int]]:
 
 
 def head_means(
-    model: Any,
+    model: Model,
     reference: Int[torch.Tensor, "batch pos"],
     layers: Optional[Iterable[int]] = None,
     *,
@@ -113,8 +117,6 @@ def head_means(
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position must be True or False, got {per_position!r}")
     names = {z_hook_name(l) for l in layers}
-    from mechlib.backends import get_backend
-
     cache = get_backend(model, backend).cache({"reference": reference}, names).acts["reference"]
     dims = (0,) if per_position else (0, 1)
     out = {}
@@ -137,7 +139,7 @@ def head_means(
 
 
 def ablation_hooks(
-    model: Any,
+    model: Model,
     heads: Union[HeadSpec, Iterable[HeadSpec]],
     method: str = "zero",
     *,
@@ -244,7 +246,7 @@ def _replace_hook(
 
 
 def ablation_interventions(
-    model: Any,
+    model: Model,
     heads: Union[HeadSpec, Iterable[HeadSpec]],
     method: str = "zero",
     *,
@@ -255,7 +257,7 @@ def ablation_interventions(
     """Head ablation as :mod:`mechlib.interventions`: one ``Zero`` or ``Replace`` per head at ``hook_z``.
 
     The same ablation as :func:`ablation_hooks`, as data any backend runs (:func:`run_ablated`,
-    :func:`mechlib.patching.evaluate_circuit`). ``"mean"`` takes ``reference`` tokens (per-position
+    :func:`mechlib.circuits.evaluate_circuit`). ``"mean"`` takes ``reference`` tokens (per-position
     means over the batch, computed on ``backend``) or ``means`` (one tensor broadcastable to
     ``[batch, pos, head, d_head]``, or ``{layer: tensor}`` from :func:`head_means`).
 
@@ -265,8 +267,6 @@ def ablation_interventions(
         >>> [str(iv) for iv in ablation_interventions(m, ["L0H1", "L1H3"])]
         ['Zero(L0.z[H1])', 'Zero(L1.z[H3])']
     """
-    from mechlib.interventions import Intervention, Replace, Site, Zero
-
     heads = normalize_heads(model, heads)
     choice(method, "method", ("zero", "mean"))
     layer_heads = _by_layer(heads)
@@ -301,7 +301,7 @@ def ablation_interventions(
 
 
 def run_ablated(
-    model: Any,
+    model: Model,
     tokens: Int[torch.Tensor, "batch pos"],
     heads: Union[HeadSpec, Iterable[HeadSpec]],
     method: str = "zero",
@@ -323,9 +323,6 @@ def run_ablated(
         >>> run_ablated(m, torch.randint(0, 256, (2, 6)), ["L1H0"], backend="bridge").shape
         torch.Size([2, 6, 256])
     """
-    from mechlib.backends import get_backend
-    from mechlib.metrics import as_metric
-
     tokens = token_tensor(tokens, model)
     be = get_backend(model, backend)
     ivs = ablation_interventions(model, heads, method, reference=reference, means=means, backend=be)
@@ -338,7 +335,7 @@ def run_ablated(
 
 @contextlib.contextmanager
 def ablate_heads(
-    model: Any,
+    model: Model,
     heads: Union[HeadSpec, Iterable[HeadSpec]],
     method: str = "zero",
     **kw: Any,
@@ -360,7 +357,7 @@ def ablate_heads(
 
 
 def path_ablation_hooks(
-    model: Any,
+    model: Model,
     tokens: Int[torch.Tensor, "batch pos"],
     heads: Union[HeadSpec, Iterable[HeadSpec]],
     into: Union[str, Sequence[str]],
@@ -417,7 +414,7 @@ def path_ablation_hooks(
 
 
 def matched_random_heads(
-    model: Any,
+    model: Model,
     heads: Union[HeadSpec, Iterable[HeadSpec]],
     *,
     seed: int = 0,

@@ -51,7 +51,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from mechlib.models import model_device
-from mechlib.validate import choice, whole
+from mechlib.types import Model
+from mechlib.validate import choice, layer_list, position_list, str_list, token_tensor, whole
 
 __all__ = [
     "ERASER_KS",
@@ -139,11 +140,11 @@ class Segmented:
         return out.index_add_(0, self.word_index[mask], token_scores.detach().to(torch.float64).cpu()[mask])
 
 
-def _encode(model: Any, text: str) -> list[int]:
+def _encode(model: Model, text: str) -> list[int]:
     return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def segment(model: Any, words: Sequence[str], *, prefix: str = "", suffix: str = "") -> Segmented:
+def segment(model: Model, words: Sequence[str], *, prefix: str = "", suffix: str = "") -> Segmented:
     """Tokenize ``prefix + " ".join(words) + suffix`` keeping track of which tokens form which word.
 
     Each word is tokenized on its own, with the space that precedes it (none for the first word
@@ -157,8 +158,6 @@ def segment(model: Any, words: Sequence[str], *, prefix: str = "", suffix: str =
         prefix: Text before the words.
         suffix: Text after the words (the next token after it is the decision explained).
     """
-    from mechlib.validate import str_list
-
     words = str_list(words, "words")
     if any(not w or w != w.strip() for w in words):
         raise ValueError("words must be non-empty and hold no surrounding whitespace (use sentence.split())")
@@ -180,7 +179,7 @@ def segment(model: Any, words: Sequence[str], *, prefix: str = "", suffix: str =
     return Segmented(torch.tensor(ids, dtype=torch.long), torch.tensor(index, dtype=torch.long), tuple(words))
 
 
-def from_tokens(tokens: Any, attributable: Optional[Sequence[int]] = None, model: Any = None) -> Segmented:
+def from_tokens(tokens: Any, attributable: Optional[Sequence[int]] = None, model: Optional[Model] = None) -> Segmented:
     """A :class:`Segmented` from token ids where every attributable token is its own word.
 
     Args:
@@ -188,8 +187,6 @@ def from_tokens(tokens: Any, attributable: Optional[Sequence[int]] = None, model
         attributable: Positions to attribute (default: all); the others are template.
         model: Optional; checks the ids against its vocabulary.
     """
-    from mechlib.validate import position_list, token_tensor
-
     if isinstance(tokens, torch.Tensor) and tokens.ndim == 1:
         tokens = tokens[None]
     tokens = token_tensor(tokens, model, "tokens")
@@ -241,7 +238,7 @@ class Target:
         return last_logits.argmax(-1) == self.answer
 
 
-def answer_id(model: Any, answer: Union[str, int], name: str = "answer") -> int:
+def answer_id(model: Model, answer: Union[str, int], name: str = "answer") -> int:
     """The token id of a one-token answer (``" positive"``), or a checked token id; a string of
     several tokens is refused."""
     if isinstance(answer, str):
@@ -289,7 +286,7 @@ def _groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     ]
 
 
-def _last_logits(model: Any, tokens: torch.Tensor, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _last_logits(model: Model, tokens: torch.Tensor, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[batch, vocab]`` logits at the last position; ``embeds`` replaces the token embeddings."""
     if embeds is None:
         return model(tokens)[:, -1]
@@ -300,14 +297,14 @@ def _last_logits(model: Any, tokens: torch.Tensor, embeds: Optional[torch.Tensor
     return model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", replace)])[:, -1]
 
 
-def _embed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+def _embed(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """``[batch, pos, d_model]`` token embeddings as the model computes them (``hook_embed``)."""
     _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
     return cache["hook_embed"].detach()
 
 
 def score(
-    model: Any, sequences: Sequence[torch.Tensor], targets: Sequence[Target], *, batch_size: int = 32
+    model: Model, sequences: Sequence[torch.Tensor], targets: Sequence[Target], *, batch_size: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target values and decisions for many token sequences of any lengths.
 
@@ -339,7 +336,7 @@ def score(
 
 
 def decision_targets(
-    model: Any, segs: Sequence[Segmented], answer: Union[str, int], other: Union[str, int], *, batch_size: int = 32
+    model: Model, segs: Sequence[Segmented], answer: Union[str, int], other: Union[str, int], *, batch_size: int = 32
 ) -> list[Target]:
     """Logit-difference targets oriented to the model's own decision on each full input.
 
@@ -396,7 +393,7 @@ class Attribution:
 
 
 def occlusion(
-    model: Any, segs: Sequence[Segmented], targets: Union[Target, Sequence[Target]], *, batch_size: int = 32
+    model: Model, segs: Sequence[Segmented], targets: Union[Target, Sequence[Target]], *, batch_size: int = 32
 ) -> list[Attribution]:
     """Leave-one-out: a word's score is ``f(x) - f(x without that word)`` (its tokens deleted).
 
@@ -423,7 +420,7 @@ def occlusion(
     return out
 
 
-def _embedding_groups(model: Any, segs: list[Segmented], targets: list[Target], batch_size: int):
+def _embedding_groups(model: Model, segs: list[Segmented], targets: list[Target], batch_size: int):
     """Yield ``(indices, tokens, embeds, forward)`` per group of equal-length inputs, where
     ``forward(embeds, tokens)`` returns the ``[batch]`` target values (Captum's forward function)."""
     dev = model_device(model)
@@ -451,7 +448,7 @@ def _embedding_groups(model: Any, segs: list[Segmented], targets: list[Target], 
 
 
 def gradient_x_input(
-    model: Any, segs: Sequence[Segmented], targets: Union[Target, Sequence[Target]], *, batch_size: int = 16
+    model: Model, segs: Sequence[Segmented], targets: Union[Target, Sequence[Target]], *, batch_size: int = 16
 ) -> list[Attribution]:
     """Gradient x input on the token embeddings (Captum's ``InputXGradient``), summed over
     ``d_model`` and over each word's tokens."""
@@ -473,7 +470,7 @@ def gradient_x_input(
 
 
 def integrated_gradients(
-    model: Any,
+    model: Model,
     segs: Sequence[Segmented],
     targets: Union[Target, Sequence[Target]],
     *,
@@ -555,12 +552,10 @@ def integrated_gradients(
 
 
 def attention_scores(
-    model: Any, segs: Sequence[Segmented], *, layers: Optional[Sequence[int]] = None, batch_size: int = 32
+    model: Model, segs: Sequence[Segmented], *, layers: Optional[Sequence[int]] = None, batch_size: int = 32
 ) -> list[Attribution]:
     """Attention paid by the last position to each token, averaged over heads and ``layers``
     (default all), summed over each word's tokens. Unsigned, and not a causal measure."""
-    from mechlib.validate import layer_list
-
     segs, _ = _check_inputs(segs)
     layers = layer_list(model, layers)
     names = {f"blocks.{layer}.attn.hook_pattern" for layer in layers}
@@ -637,7 +632,7 @@ def _ks(ks: Sequence[float]) -> tuple[float, ...]:
 
 
 def faithfulness(
-    model: Any,
+    model: Model,
     segs: Sequence[Segmented],
     targets: Union[Target, Sequence[Target]],
     explanations: Sequence[Union[Attribution, torch.Tensor]],

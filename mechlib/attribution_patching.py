@@ -37,7 +37,9 @@ from mechlib import validate
 from mechlib.backends import Backend, Runs, backend_arg, get_backend
 from mechlib.interventions import Intervention, Record, Site
 from mechlib.metrics import Metric, as_metric
-from mechlib.patching import PatchResult, Target, _pos_labels, _scale, _target
+from mechlib.patching import PatchResult, Target, metric_scale, position_labels, resolve_target
+from mechlib.stats import Estimate
+from mechlib.types import Model
 
 __all__ = ["attribution_patch", "compare", "AttributionComparison"]
 
@@ -59,7 +61,7 @@ def _differentiable(metric: Metric):
 
 
 def attribution_patch(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable[[torch.Tensor], Any]],
@@ -87,7 +89,7 @@ def attribution_patch(
         the batch-mean gradient product).
     """
     clean, corrupted = validate.token_pair(clean, corrupted, model)
-    t = _target(target, model)
+    t = resolve_target(target, model)
     metric = as_metric(metric)
     validate.choice(direction, "direction", ("denoise", "noise"))
     layers_ = validate.layer_list(model, layers)
@@ -103,7 +105,7 @@ def attribution_patch(
     base_logits, base_acts, grads = be.gradients(base_tokens, hooks, _differentiable(metric))
     # Clean and corrupted scores for the scale: the two runs above are one of each.
     both = Runs(dict(src.tokens, **{base_name: base_tokens}), dict(src.logits, **{base_name: base_logits}), {})
-    vc, vk, offset, span = _scale(metric, both, normalise)
+    vc, vk, offset, span = metric_scale(metric, both, normalise)
     base_per = metric.evaluate(base_logits[:, -1:] if metric.last_only else base_logits).detach().float().cpu()
 
     B, T = clean.shape
@@ -130,7 +132,7 @@ def attribution_patch(
     return PatchResult(
         values,
         t.dims(),
-        {"pos": _pos_labels(model, clean, pos_labels)} if t.by_pos else {},
+        {"pos": position_labels(model, clean, pos_labels)} if t.by_pos else {},
         title=f"attribution patching {t.name} ({what})",
         metric=("normalised " if normalise else "") + metric.name,
         meta={
@@ -171,6 +173,36 @@ class AttributionComparison:
             f"AttributionComparison({self.attribution.meta.get('target')}: r={self.correlation:.3f} over "
             f"{self.n} cells, slope {self.slope:.2f}, max |error| {self.max_abs_error:.3g})"
         )
+
+    def correlation_ci(self, confidence: float = 0.95, *, n_resamples: int = 2000, seed: int = 0) -> Estimate:
+        """:attr:`correlation` with a percentile-bootstrap interval over *prompts*: each resample
+        draws prompts with replacement, averages both grids' ``per_prompt`` values over them and
+        correlates the two mean grids (cells NaN in either grid are left out).
+
+        Raises:
+            ValueError: A grid without per-prompt values, or the two from different numbers of prompts.
+        """
+        from transformer_lens.utilities.statistics import derive_generator
+
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        pa, pe = self.attribution._need_prompts(), self.exact._need_prompts()
+        if pa.shape != pe.shape:
+            raise ValueError(f"per-prompt grids differ: {tuple(pa.shape)} vs {tuple(pe.shape)}")
+        n = pa.shape[0]
+        a, e = pa.reshape(n, -1).double(), pe.reshape(n, -1).double()
+        keep = ~(torch.isnan(a).any(0) | torch.isnan(e).any(0))
+        a, e = a[:, keep], e[:, keep]
+        if n == 1:
+            return Estimate(self.correlation, self.correlation, self.correlation, 1, confidence, "single")
+        idx = torch.randint(0, n, (n_resamples, n), generator=derive_generator(seed, "correlation_ci"))
+        am, em = a[idx].mean(1), e[idx].mean(1)  # [resample, cell]
+        am, em = am - am.mean(1, keepdim=True), em - em.mean(1, keepdim=True)
+        r = (am * em).sum(1) / (am.norm(dim=1) * em.norm(dim=1))
+        r = r[torch.isfinite(r)]
+        alpha = (1 - confidence) / 2
+        lo, hi = torch.quantile(r, alpha), torch.quantile(r, 1 - alpha)
+        return Estimate(self.correlation, float(lo), float(hi), n, confidence, "bootstrap", float(r.std()))
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, e = self.attribution.values.flatten(), self.exact.values.flatten()

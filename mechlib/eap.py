@@ -40,9 +40,10 @@ import torch
 from jaxtyping import Int
 
 from mechlib import validate
-from mechlib.engine import get_engine
+from mechlib.engine.forward import get_engine
 from mechlib.graph import Graph
 from mechlib.metrics import Metric, as_metric
+from mechlib.types import Model
 
 __all__ = [
     "eap",
@@ -97,7 +98,7 @@ class GraphModel:
         ValueError: The engine cannot mirror the model (its architecture is not supported).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Model) -> None:
         eng = get_engine(model)
         if eng is None:
             raise ValueError(
@@ -142,7 +143,7 @@ class GraphModel:
         self.mlp_s = [] if self.attn_only else [g.sender_index(f"MLP{l}") for l in range(self.L)]
         self._check_against(model)
 
-    def _check_against(self, model: Any) -> None:
+    def _check_against(self, model: Model) -> None:
         """One short probe through the bridge: never compute edges on a forward that is not the model's."""
         n = min(6, int(model.cfg.n_ctx))
         tokens = (torch.arange(n) * 7919 % int(model.cfg.d_vocab))[None].to(self.eng.device)
@@ -202,8 +203,8 @@ class GraphModel:
             k = k + self.bK[l][None, :, None]
             v = v + self.bV[l][None, :, None]
         T = x.shape[1]
-        if self.eng._rope is not None:
-            q, k = self.eng._rope(q, k, torch.arange(T, device=x.device))
+        if self.eng.rope is not None:
+            q, k = self.eng.rope(q, k, torch.arange(T, device=x.device))
         if K != H:
             k = k.repeat_interleave(H // K, dim=1)
             v = v.repeat_interleave(H // K, dim=1)
@@ -407,7 +408,7 @@ def _evaluate_rows(metric: Metric, logits: torch.Tensor, rows: Optional[tuple[to
 _GRAPH_MODELS: dict[int, tuple[Any, GraphModel, tuple]] = {}
 
 
-def graph_model(model: Any) -> GraphModel:
+def graph_model(model: Model) -> GraphModel:
     """The model's :class:`GraphModel` (rebuilt when the engine is)."""
     eng = get_engine(model)
     hit = _GRAPH_MODELS.get(id(model))
@@ -422,7 +423,7 @@ def graph_model(model: Any) -> GraphModel:
 # ---- checks --------------------------------------------------------------------------------
 
 
-def _check_common(model: Any, clean: Any, corrupted: Any, metric: Any, direction: str):
+def _check_common(model: Model, clean: Any, corrupted: Any, metric: Any, direction: str):
     clean, corrupted = validate.token_pair(clean, corrupted, model)
     validate.choice(direction, "direction", _DIRECTIONS)
     if not isinstance(metric, Metric) and not callable(metric):
@@ -440,7 +441,7 @@ def _batch_size(value: Any, n: int) -> int:
 
 
 def eap(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable[[torch.Tensor], Any]],
@@ -469,7 +470,7 @@ def eap(
 
 
 def eap_ig(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable[[torch.Tensor], Any]],
@@ -614,7 +615,7 @@ def _metric_rows(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
 
 
 def patch_edges(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable[[torch.Tensor], Any]],
@@ -750,7 +751,7 @@ def _ablation_source(gm: GraphModel, corrupted: torch.Tensor, metric: Metric, ab
 
 
 def faithfulness(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable[[torch.Tensor], Any]],
@@ -819,7 +820,7 @@ def _faithfulness_masks(
 
 
 def faithfulness_curve(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable[[torch.Tensor], Any]],

@@ -31,7 +31,10 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from mechlib.results import Grid, head_label, parse_head
+from mechlib.results import Grid, head_label
+from mechlib.stats import Estimate
+from mechlib.types import Model
+from mechlib.validate import parse_head
 
 __all__ = ["Graph", "GraphShape"]
 
@@ -162,7 +165,7 @@ class Graph:
         return cls(GraphShape(n_layers, n_heads, n_kv_heads or n_heads, attn_only), **kw)
 
     @classmethod
-    def for_model(cls, model: Any, **kw: Any) -> "Graph":
+    def for_model(cls, model: Model, **kw: Any) -> "Graph":
         """An empty graph for a TransformerBridge (or anything with a TransformerLens ``cfg``)."""
         cfg = model.cfg
         return cls.for_config(
@@ -413,8 +416,6 @@ class Graph:
         Returns:
             A :class:`mechlib.stats.Estimate` (value: the AUC on all prompts).
         """
-        from mechlib.stats import Estimate
-
         if self.per_prompt is None:
             raise ValueError("this graph holds no per-prompt scores (score it with a per-prompt [batch] metric)")
         reference = list(reference)

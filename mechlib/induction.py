@@ -8,14 +8,16 @@ on any model:
 * :func:`repeated_tokens`: ``[batch, (bos) + 2*seg_len]`` random tokens whose second half repeats
   the first, drawn from the model's vocabulary minus its special tokens.
 * :func:`head_scores`: induction, previous-token and duplicate-token scores of every head from ONE
-  cached forward pass, as :class:`~mechlib.results.Grid` objects with dims ``("layer", "head")``.
+  cached forward pass, as :class:`~mechlib.results.PromptGrid` objects with dims ``("layer",
+  "head")`` that keep each sequence's scores and give intervals over sequences.
   The target positions are found from the tokens themselves, so any sequence works, not only
   exact repeats.
 * :func:`repeat_loss`: per-position loss on the two repeats and the in-context-learning score.
 
 Score definitions (``reduce="matched"``, the default): for every query position ``q`` that has at
 least one target key, the attention mass the head puts on its target keys, averaged over those
-queries (and the batch). Targets of query ``q`` (token ``t[q]``):
+queries, per sequence; the grid is the mean over sequences and keeps the per-sequence scores
+(``per_prompt``) for error bars (``ci()``, ``stderr()``, ``estimate()``). Targets of query ``q`` (token ``t[q]``):
 
 * previous-token: key ``q - 1``;
 * duplicate-token: every earlier key ``k < q`` with ``t[k] == t[q]``;
@@ -47,7 +49,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from mechlib.metrics import Metric
-from mechlib.results import Grid
+from mechlib.results import PromptGrid
+from mechlib.stats import Estimate, mean_ci
 from mechlib.validate import str_list, token_tensor, whole
 
 __all__ = [
@@ -270,7 +273,7 @@ def head_scores(
     kinds: Sequence[str] = HEAD_KINDS,
     *,
     reduce: str = "matched",
-) -> dict[str, Grid]:
+) -> dict[str, PromptGrid]:
     """Score every head of every layer as an induction / previous-token / duplicate-token head.
 
     One forward pass (``run_with_cache`` keeping only the attention patterns). Hooks already on
@@ -285,8 +288,11 @@ def head_scores(
             ``"all"`` (TransformerLens ``detect_head``'s ``"mul"`` score, averaged over the batch).
 
     Returns:
-        ``{kind: Grid}`` with dims ``("layer", "head")``, values in [0, 1]. A kind with no target
-        in the tokens (e.g. duplicates in a sequence without repeats) is all NaN.
+        ``{kind: PromptGrid}`` with dims ``("layer", "head")``, values in [0, 1]: the mean over
+        sequences of each sequence's score, which ``per_prompt`` ``[sequence, layer, head]`` keeps
+        (``stderr()``, ``ci()`` and ``estimate(layer=, head=)`` give error bars over sequences).
+        A sequence with no target for a kind (e.g. duplicates in a sequence without repeats) is
+        NaN there and left out of the mean; a kind with no target in any sequence is all NaN.
 
     Raises:
         ValueError: Unknown kind or reduce, tokens not ``[batch, pos]`` ids, or longer than
@@ -310,22 +316,22 @@ def head_scores(
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_pattern"))
     targets = {k: _TARGETS[k](tokens).float() for k in kinds}
-    out: dict[str, Grid] = {}
+    out: dict[str, PromptGrid] = {}
     for kind in kinds:
         mask = targets[kind]  # [b, q, k]
         eligible = mask.amax(-1)  # [b, q]
-        values = torch.full((n_layers, n_heads), float("nan"))
+        n = eligible.sum(-1)  # [b]: queries with a target, per sequence
+        per = torch.full((tokens.shape[0], n_layers, n_heads), float("nan"))
         for layer in range(n_layers):
             pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()  # [b, h, q, k]
             mass = torch.einsum("bhqk,bqk->bhq", pattern, mask)
-            if reduce == "matched":
-                n = eligible.sum()
-                if n > 0:
-                    values[layer] = (mass * eligible[:, None]).sum((0, 2)).cpu() / n.cpu()
+            if reduce == "matched":  # NaN for a sequence with no target (left out of the mean)
+                score = (mass * eligible[:, None]).sum(2) / n[:, None]
+                per[:, layer] = torch.where(n[:, None] > 0, score, float("nan")).cpu()
             else:
-                values[layer] = (mass.sum(-1) / pattern.sum((-1, -2))).mean(0).cpu()
-        out[kind] = Grid(
-            values,
+                per[:, layer] = (mass.sum(-1) / pattern.sum((-1, -2))).cpu()
+        out[kind] = PromptGrid.from_prompts(
+            per,
             ("layer", "head"),
             title=f"{kind.replace('_', '-')} score",
             metric="attention to target" if reduce == "matched" else "detect_head 'mul' score",
@@ -334,7 +340,7 @@ def head_scores(
     return out
 
 
-def induction_scores(model: Any, tokens: Int[torch.Tensor, "batch pos"], **kw: Any) -> Grid:
+def induction_scores(model: Any, tokens: Int[torch.Tensor, "batch pos"], **kw: Any) -> PromptGrid:
     """Just the induction scores of :func:`head_scores`."""
     return head_scores(model, tokens, ["induction"], **kw)["induction"]
 
@@ -415,6 +421,24 @@ class RepeatLoss:
         """Mean loss on the second repeat (tokens ``off+L+1 .. off+2L-1``)."""
         o, L = self.offset, self.seg_len
         return float(self.per_position[:, o + L : o + 2 * L - 1].mean())
+
+    def first_per_sequence(self) -> torch.Tensor:
+        """Mean loss on the first repeat, per sequence ``[batch]`` (their mean is :attr:`first`)."""
+        o, L = self.offset, self.seg_len
+        return self.per_position[:, o : o + L - 1].mean(-1)
+
+    def second_per_sequence(self) -> torch.Tensor:
+        """Mean loss on the second repeat, per sequence ``[batch]`` (their mean is :attr:`second`)."""
+        o, L = self.offset, self.seg_len
+        return self.per_position[:, o + L : o + 2 * L - 1].mean(-1)
+
+    def first_ci(self, confidence: float = 0.95) -> Estimate:
+        """:attr:`first` with its bootstrap interval over sequences (:func:`mechlib.stats.mean_ci`)."""
+        return mean_ci(self.first_per_sequence(), confidence=confidence, name="first-repeat loss per sequence")
+
+    def second_ci(self, confidence: float = 0.95) -> Estimate:
+        """:attr:`second` with its bootstrap interval over sequences (:func:`mechlib.stats.mean_ci`)."""
+        return mean_ci(self.second_per_sequence(), confidence=confidence, name="second-repeat loss per sequence")
 
     @property
     def icl_score(self) -> float:

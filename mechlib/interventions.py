@@ -1,7 +1,7 @@
 """One intervention language: *where* (a :class:`Site`) and *what* (an operation), as data.
 
 Every causal technique in mechlib (activation patching, path patching, attribution patching,
-ablation, circuit evaluation) is a builder of intervention lists; a backend
+ablation, circuit evaluation, causal tracing) is a builder of intervention lists; a backend
 (:mod:`mechlib.backends`: the resuming CPU ``engine``, any ``TransformerBridge`` through its hooks,
 any Hugging Face model through ``nnsight``) executes them. One list is one forward pass of the
 whole prompt batch; a sweep hands the backend many lists, which it batches as rows of few calls.
@@ -16,6 +16,7 @@ operation          effect on the site's slice
 ``Patch(run)``     set to the same slice of a cached run (``"clean"``, ``"corrupted"``, ...)
 ``Freeze(run)``    the same, meant as "hold at the base run's value" (path patching)
 ``Replace(value)`` set to a given tensor (a mean over a reference batch, a recorded activation)
+``Add(value)``     add a given tensor (causal tracing's seeded noise on the subject's embeddings)
 ``Zero()``         set to zero
 ``Noise(std)``     add Gaussian noise (seeded, identical on every backend)
 ``Record(key)``    read the slice (after the list's earlier operations at that hook)
@@ -28,7 +29,7 @@ head ranges, points it can reach) before running anything.
 
 Layouts (TransformerLens's): ``resid``-like points ``[batch, pos, d]``; ``z``/``q``/``k``/``v``
 ``[batch, pos, head, d_head]``; ``pattern`` ``[batch, head, query_pos, key_pos]`` (its positions
-are query positions). A :class:`Replace` value has the point's full layout with the batch and
+are query positions). A :class:`Replace` (or :class:`Add`) value has the point's full layout with the batch and
 position axes of size ``batch`` or 1 and ``n_pos`` or 1 (broadcast).
 
 Example (TransformerLens's ``get_act_patch_attn_head_out_by_pos`` cell L3H1 @ 5, ROME's
@@ -61,6 +62,7 @@ __all__ = [
     "Patch",
     "Freeze",
     "Replace",
+    "Add",
     "Zero",
     "Noise",
     "Record",
@@ -253,6 +255,17 @@ class Replace:
         object.__setattr__(self, "value", self.value.detach())
 
 
+@dataclass(frozen=True, eq=False)
+class Add:
+    """Add ``value`` to the site: the point's full layout, batch and position axes of size n or 1
+    (as :class:`Replace`), e.g. ``[samples, pos, d_model]`` noise that is zero off the subject."""
+
+    value: torch.Tensor
+
+    def __post_init__(self) -> None:
+        Replace.__post_init__(self)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class Zero:
     """Set the site to zero."""
@@ -288,8 +301,8 @@ class Record:
             raise TypeError(f"key must be a non-empty string, got {self.key!r}")
 
 
-Operation = Union[Patch, Freeze, Replace, Zero, Noise, Record]
-_OPS = (Patch, Freeze, Replace, Zero, Noise, Record)
+Operation = Union[Patch, Freeze, Replace, Add, Zero, Noise, Record]
+_OPS = (Patch, Freeze, Replace, Add, Zero, Noise, Record)
 
 
 @dataclass(frozen=True)
@@ -304,11 +317,11 @@ class Intervention:
             raise TypeError(f"site must be a Site, got {type(self.site).__name__}")
         if not isinstance(self.op, _OPS):
             raise TypeError(f"op must be one of {[o.__name__ for o in _OPS]}, got {type(self.op).__name__}")
-        if isinstance(self.op, Replace):
+        if isinstance(self.op, (Replace, Add)):
             want = 3 if self.site.spec.layout == "resid" else 4
             if self.op.value.ndim != want:
                 raise ValueError(
-                    f"Replace value for point {self.site.point!r} must have {want} axes "
+                    f"{type(self.op).__name__} value for point {self.site.point!r} must have {want} axes "
                     f"(the point's layout), got shape {tuple(self.op.value.shape)}"
                 )
 
@@ -409,6 +422,7 @@ class Plan:
         n_pos: int,
         sources: "Sources",
         records: Optional[dict[tuple[int, str], torch.Tensor]] = None,
+        rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The activation at ``hook`` with this plan's interventions applied (a new tensor).
 
@@ -417,12 +431,27 @@ class Plan:
                 ``start_pos..n_pos-1``.
             sources: Cached runs for :class:`Patch`/:class:`Freeze` (and the noise draws).
             records: Filled with ``{(list, key): [B, ...] slice}`` by :class:`Record`.
+            rows: When ``act`` holds only some rows of the call (a backend that starts rows at
+                different layers): which rows, in ``act``'s order. Interventions on rows absent
+                from ``act`` are skipped (those rows are not computed at this hook).
         """
         layout = point_of_hook(hook)[0].layout
         out = act.clone()
         view = canonical(out, layout)
+        where = None
+        if rows is not None:
+            rows = rows.cpu()
+            n_rows = len(self.lists) * self.batch
+            where = torch.full((n_rows,), -1, dtype=torch.long)
+            where[rows] = torch.arange(rows.shape[0])
         for placed in self.by_hook.get(hook, []):
             for p in placed:
+                if where is not None:
+                    at = where[p.rows]
+                    keep = at >= 0
+                    if not bool(keep.any()):
+                        continue
+                    p = Placed(p.intervention, at[keep], p.prompts[keep], p.lists[keep])
                 _apply_one(view, p, hook, layout, start_pos, n_pos, self.batch, sources, records)
         return out
 
@@ -479,6 +508,9 @@ def _apply_one(view, p: Placed, hook, layout, start_pos, n_pos, batch, sources, 
         val = _take(canonical(sources.get(op.run, hook), layout), p.prompts, pos_abs, site.head)
     elif isinstance(op, Replace):
         val = _take(canonical(op.value, layout), p.prompts, pos_abs, site.head, broadcast=True)
+    elif isinstance(op, Add):
+        delta = _take(canonical(op.value, layout), p.prompts, pos_abs, site.head, broadcast=True)
+        val = view[index] + delta.to(dev, view.dtype)
     else:  # Noise: one draw over the base prompts' whole activation, sliced like a source run
         delta = sources.noise(op, (batch, n_pos) + tuple(view.shape[2:]))
         val = view[index] + _take(delta, p.prompts, pos_abs, site.head).to(dev, view.dtype)

@@ -35,7 +35,10 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from jaxtyping import Float, Int
 
+from mechlib.metrics import ioi_metric
 from mechlib.models import model_device
+from mechlib.stats import Estimate, mean_ci, rate_ci
+from mechlib.types import Model
 from mechlib.validate import choice, int_list, str_list, whole
 
 __all__ = [
@@ -580,9 +583,7 @@ def logit_diff(
     """
     if logits.ndim != 3 or logits.shape[0] != len(dataset):
         raise ValueError(f"logits must be [n={len(dataset)}, pos, d_vocab], got {tuple(logits.shape)}")
-    idx = torch.arange(len(dataset), device=logits.device)
-    end = logits[idx, dataset.pos("END").to(logits.device)]
-    ld = end[idx, dataset.io_ids.to(logits.device)] - end[idx, dataset.s_ids.to(logits.device)]
+    ld = ioi_metric(dataset)(logits)  # the one IO - S at END computation (mechlib.metrics)
     return ld if per_prompt else ld.mean()
 
 
@@ -598,6 +599,10 @@ class IOIBaseline:
         corrupted_logit_diff: Mean IO - S logit difference on the ABC prompts (near 0 expected).
         per_prompt: Clean logit differences ``[n]``.
         corrupted_per_prompt: Corrupted logit differences ``[n]``.
+        top1_per_prompt: Whether IO is the top prediction, per prompt ``[n]``.
+
+    ``logit_diff_ci()``, ``accuracy_ci()``, ``top1_ci()`` and ``corrupted_ci()`` give each with its
+    interval over prompts (:mod:`mechlib.stats`).
     """
 
     logit_diff: float
@@ -607,6 +612,25 @@ class IOIBaseline:
     corrupted_logit_diff: float
     per_prompt: torch.Tensor
     corrupted_per_prompt: torch.Tensor
+    top1_per_prompt: Optional[torch.Tensor] = None
+
+    def top1_ci(self, confidence: float = 0.95) -> Estimate:
+        """Share of prompts whose top prediction is IO, with its exact (Clopper-Pearson) interval."""
+        if self.top1_per_prompt is None:
+            raise ValueError("this baseline has no per-prompt top-1 record; rebuild it with ioi_baseline()")
+        return rate_ci(self.top1_per_prompt.bool().tolist(), confidence=confidence, name="IO top-1 per prompt")
+
+    def logit_diff_ci(self, confidence: float = 0.95) -> Estimate:
+        """Mean clean logit difference with its bootstrap interval over prompts."""
+        return mean_ci(self.per_prompt, confidence=confidence, name="clean logit differences")
+
+    def accuracy_ci(self, confidence: float = 0.95) -> Estimate:
+        """Share of prompts with logit(IO) > logit(S), with its exact (Clopper-Pearson) interval."""
+        return rate_ci((self.per_prompt > 0).tolist(), confidence=confidence, name="IO > S per prompt")
+
+    def corrupted_ci(self, confidence: float = 0.95) -> Estimate:
+        """Mean logit difference on the ABC prompts with its bootstrap interval over prompts."""
+        return mean_ci(self.corrupted_per_prompt, confidence=confidence, name="corrupted logit differences")
 
     def __str__(self) -> str:
         return (
@@ -617,7 +641,7 @@ class IOIBaseline:
 
 
 @torch.no_grad()
-def ioi_baseline(model: Any, dataset: IOIDataset, *, batch_size: int = 64) -> IOIBaseline:
+def ioi_baseline(model: Model, dataset: IOIDataset, *, batch_size: int = 64) -> IOIBaseline:
     """Run the model on clean and corrupted prompts and measure IOI performance.
 
     Example:
@@ -646,4 +670,5 @@ def ioi_baseline(model: Any, dataset: IOIDataset, *, batch_size: int = 64) -> IO
         corrupted_logit_diff=float(k.mean()),
         per_prompt=c,
         corrupted_per_prompt=k,
+        top1_per_prompt=torch.cat(top1).bool(),
     )

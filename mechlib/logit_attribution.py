@@ -38,10 +38,13 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
+from transformer_lens.tools.analysis import logit_readout
 
+from mechlib.answers import AnswerLike, to_answer_ids  # to_answer_ids is re-exported from here
 from mechlib.models import model_device
-from mechlib.results import Grid
-from mechlib.validate import prompt_positions, str_list, token_tensor, whole
+from mechlib.results import Grid, PromptGrid
+from mechlib.types import Model
+from mechlib.validate import folded_model, prompt_positions, str_list, token_tensor, whole
 
 __all__ = [
     "AnswerLike",
@@ -54,85 +57,14 @@ __all__ = [
     "logit_lens",
 ]
 
-#: Answers as strings (``" Mary"``), token ids, or a 1-D tensor of ids; one or one per prompt.
-AnswerLike = Union[str, int, Sequence[Union[str, int]], torch.Tensor]
 PosLike = Union[int, Sequence[int], torch.Tensor, None]
 
 
 # ---- answers and directions -----------------------------------------------------------------
 
 
-def _single_token_id(model: Any, answer: str) -> int:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ValueError(
-            f"answers: cannot turn the string {answer!r} into a token: this model has no tokenizer; pass token ids "
-            "instead"
-        )
-    ids = tok.encode(answer, add_special_tokens=False)
-    if len(ids) != 1:
-        pieces = [tok.decode([i]) for i in ids]
-        hint = f" Did you mean {(' ' + answer)!r} (with a leading space)?" if not answer.startswith(" ") else ""
-        raise ValueError(f"answer {answer!r} is {len(ids)} tokens, {pieces}, but an answer must be one token.{hint}")
-    return int(ids[0])
-
-
-def _is_id(x: Any) -> bool:
-    try:
-        whole(x, "x")
-        return True
-    except TypeError:
-        return False
-
-
-def to_answer_ids(model: Any, answers: AnswerLike, n: Optional[int] = None) -> Int[torch.Tensor, " batch"]:
-    """Token ids of the answers, one per prompt.
-
-    Args:
-        model: The model (its tokenizer turns strings into ids; its vocab bounds ids).
-        answers: A string (``" Mary"``, which must be ONE token), an id, or a sequence/1-D tensor
-            of them, one per prompt.
-        n: The number of prompts; a single answer is repeated ``n`` times, a sequence must have
-            exactly ``n`` entries.
-
-    Raises:
-        ValueError: A multi-token string (the message lists its pieces and suggests a leading
-            space), an id outside the vocabulary, or a count that is not ``n``.
-    """
-    if n is not None:
-        n = whole(n, "n", minimum=1)
-    if not isinstance(answers, (torch.Tensor, str)) and hasattr(answers, "__array__"):  # numpy
-        answers = torch.as_tensor(answers)
-    if isinstance(answers, torch.Tensor):
-        if answers.ndim > 1:
-            raise ValueError(f"answers must be a 1-D tensor of token ids, got shape {tuple(answers.shape)}")
-        if answers.is_floating_point() or answers.is_complex() or answers.dtype == torch.bool:
-            raise TypeError(f"answers must be token ids (integers), got a {answers.dtype} tensor")
-        ids = answers.flatten().long().cpu()
-    elif isinstance(answers, str) or _is_id(answers):
-        one = _single_token_id(model, answers) if isinstance(answers, str) else whole(answers, "answers")
-        ids = torch.tensor([one] * (n if n is not None else 1), dtype=torch.long)
-    elif isinstance(answers, Sequence):
-        ids = torch.tensor(
-            [_single_token_id(model, a) if isinstance(a, str) else whole(a, "answers (a token id)") for a in answers],
-            dtype=torch.long,
-        )
-    else:
-        raise TypeError(f"answers must be one-token strings or token ids, got {answers!r} ({type(answers).__name__})")
-    if ids.numel() == 0:
-        raise ValueError("answers is empty; give one answer, or one per prompt")
-    if n is not None and ids.numel() == 1 and n > 1:
-        ids = ids.repeat(n)
-    if n is not None and ids.numel() != n:
-        raise ValueError(f"got {ids.numel()} answers for {n} prompts; give one answer, or exactly one per prompt")
-    d_vocab = int(model.cfg.d_vocab)
-    if ids.numel() and (ids.min() < 0 or ids.max() >= d_vocab):
-        raise ValueError(f"answer ids must lie in [0, {d_vocab}), got min {int(ids.min())} max {int(ids.max())}")
-    return ids
-
-
 def answer_directions(
-    model: Any, answers: AnswerLike, wrong: Optional[AnswerLike] = None, *, n: Optional[int] = None
+    model: Model, answers: AnswerLike, wrong: Optional[AnswerLike] = None, *, n: Optional[int] = None
 ) -> Float[torch.Tensor, "batch d_model"]:
     """Unembedding directions ``W_U[:, answer]`` (minus ``W_U[:, wrong]`` if given), one per prompt.
 
@@ -154,7 +86,7 @@ def answer_directions(
     return dirs
 
 
-def _b_U(model: Any) -> torch.Tensor:
+def _b_U(model: Model) -> torch.Tensor:
     try:
         b = model.b_U
     except AttributeError:
@@ -162,7 +94,7 @@ def _b_U(model: Any) -> torch.Tensor:
     return b.detach() if b is not None else torch.zeros(int(model.cfg.d_vocab))
 
 
-def _bias(model: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _bias(model: Model, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     try:
         b = getattr(model, name)
     except AttributeError:  # bias-free checkpoints expose none
@@ -174,7 +106,7 @@ def _positions(pos: PosLike, batch: int, seq: int) -> torch.Tensor:
     return prompt_positions(-1 if pos is None else pos, batch, seq, "pos")
 
 
-def _check_tokens(model: Any, tokens: Any) -> torch.Tensor:
+def _check_tokens(model: Model, tokens: Any) -> torch.Tensor:
     if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
         if getattr(model, "tokenizer", None) is None:
             raise ValueError("this model has no tokenizer: pass a token tensor [batch, pos]")
@@ -198,8 +130,43 @@ def _check_tokens(model: Any, tokens: Any) -> torch.Tensor:
 
 def _names_filter(name: str) -> bool:
     return name in ("hook_embed", "hook_pos_embed", "ln_final.hook_scale") or name.endswith(
-        ("hook_attn_out", "hook_mlp_out", "attn.hook_z", "mlp.hook_post", "hook_resid_pre", "hook_resid_post")
+        (
+            "hook_attn_out",
+            "hook_mlp_out",
+            "attn.hook_z",
+            "mlp.hook_post",
+            "hook_resid_pre",
+            "hook_resid_post",
+            "ln1_post.hook_scale",
+            "ln2_post.hook_scale",
+        )
     )
+
+
+def _post_norm_weights(model: Model, name: str) -> Optional[torch.Tensor]:
+    """``[layer, d_model]``: the elementwise weight of the norm a sublayer's output passes through
+    before it joins the residual stream (Gemma 2/3's post-attention ``ln1_post`` and post-MLP
+    ``ln2_post``), or ``None`` for a model without one. With its scale frozen at its forward-pass
+    value (``<name>.hook_scale``) such a norm is linear, ``out = in * w / scale``, so each head's
+    (each neuron's) share of the sublayer output is its own output times ``w / scale``.
+
+    The weight is read by running the norm on a vector of ones, so whatever parametrization the
+    model uses (Gemma's ``1 + weight``) is honoured."""
+    import math
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(b, name) for b in blocks):
+        return None
+    out = []
+    for block in blocks:
+        norm = getattr(block, name)
+        norm = getattr(norm, "original_component", norm)
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
+        weight = next(norm.parameters(), None)
+        one = torch.ones(1, 1, int(model.cfg.d_model), device=weight.device if weight is not None else "cpu")
+        with torch.no_grad():
+            out.append(norm(one.to(weight.dtype) if weight is not None else one).flatten().float() * math.sqrt(1 + eps))
+    return torch.stack(out)
 
 
 def _component_label(raw: str) -> str:
@@ -235,9 +202,11 @@ class LogitAttribution:
     """Direct logit attribution of one answer direction, averaged over prompts.
 
     Attributes:
-        components: Grid ``("component",)``: ``"embed"`` (and ``"pos_embed"``), ``"L3 attn"``,
+        components: PromptGrid ``("component",)``: ``"embed"`` (and ``"pos_embed"``), ``"L3 attn"``,
             ``"L3 mlp"`` ... (each layer's output including its output bias).
-        heads: Grid ``("layer", "head")`` (head results, without the attention output bias).
+        heads: PromptGrid ``("layer", "head")`` (head results, without the attention output bias).
+            Both keep ``per_prompt`` and give ``stderr()``, ``ci()`` and ``estimate(layer=, head=)``
+            over prompts (:class:`~mechlib.results.PromptGrid`).
         neurons: Grid ``("neuron",)`` of the ``top_k`` MLP neurons by mean |attribution|, labelled
             ``"L12N345"``; ``neurons.meta["coords"]`` holds their ``(layer, neuron)`` pairs.
         per_prompt_components: ``[component, batch]``.
@@ -304,7 +273,7 @@ class LogitAttribution:
 
 @torch.no_grad()
 def direct_logit_attribution(
-    model: Any,
+    model: Model,
     tokens: Int[torch.Tensor, "batch pos"] | str | Sequence[str],
     answers: AnswerLike,
     wrong: Optional[AnswerLike] = None,
@@ -336,7 +305,9 @@ def direct_logit_attribution(
         A :class:`LogitAttribution`.
 
     Raises:
-        ValueError: Mismatched numbers of prompts, answers and positions; a multi-token answer.
+        ValueError: A model not in compatibility mode (its final norm is not folded into ``W_U``,
+            so the attributions would be wrong); mismatched numbers of prompts, answers and
+            positions; a multi-token answer.
 
     Example:
         >>> dla = direct_logit_attribution(model, ["When Mary and John went to the store, John gave a drink to"],
@@ -345,6 +316,7 @@ def direct_logit_attribution(
     """
     from tqdm.auto import tqdm
 
+    folded_model(model, "direct logit attribution")
     tokens = _check_tokens(model, tokens)
     batch, seq = tokens.shape
     positions = _positions(pos, batch, seq)
@@ -363,6 +335,9 @@ def direct_logit_attribution(
     dev = model_device(model)
 
     b_out = None if attn_only else _bias(model, "b_out", (L, int(cfg.d_model))).float()
+    # Gemma's post-sublayer norms sit between a head (neuron) and the residual stream: frozen, they
+    # scale each output dimension by w / scale (see _post_norm_weights).
+    post_attn, post_mlp = _post_norm_weights(model, "ln1_post"), _post_norm_weights(model, "ln2_post")
     comp_rows, head_rows, neuron_sum, neuron_abs, actual, attn_bias, mlp_bias = [], [], None, None, [], [], []
     labels: list[str] = []
     starts = list(range(0, batch, batch_size))
@@ -387,6 +362,11 @@ def direct_logit_attribution(
                 labels = [_component_label(r) for r in raw]
             comps[:, sel] = c
             hs = cache.stack_head_results(layer=-1, pos_slice=q)
+            if post_attn is not None:  # [L*H, batch, d_model] times w / scale of each head's layer
+                factor = torch.stack(
+                    [post_attn[l_].to(hs.device) / cache[f"blocks.{l_}.ln1_post.hook_scale"][:, q] for l_ in range(L)]
+                )  # [L, batch, d_model]
+                hs = hs * factor.repeat_interleave(H, dim=0).to(hs.dtype)
             hs = cache.apply_ln_to_stack(hs, layer=None, pos_slice=q)[:, sel.to(hs.device)].float()
             heads[:, sel] = (hs * d[sel.to(dev)]).sum(-1).cpu()
         comp_rows.append(comps)
@@ -396,13 +376,27 @@ def direct_logit_attribution(
         scale = cache["ln_final.hook_scale"][idx.to(dev), p.to(dev)].float()  # [m, 1]
         eff = d - d.mean(-1, keepdim=True) if centre else d
         eff = eff / scale  # [m, d_model]
-        attn_bias.append((b_O.to(dev) @ eff.T).cpu())  # [L, m]
-        mlp_bias.append((b_out.to(dev) @ eff.T).cpu() if b_out is not None else torch.zeros(L, m))
+
+        def _through(post_norm, name, layer, eff=eff, cache=cache, idx=idx, p=p):
+            """``eff`` as seen from inside a post-sublayer norm (unchanged where there is none): [m, d_model]."""
+            if post_norm is None:
+                return eff
+            s = cache[f"blocks.{layer}.{name}.hook_scale"][idx.to(dev), p.to(dev)].float()  # [m, 1]
+            return eff * post_norm[layer].to(dev) / s
+
+        attn_bias.append(
+            torch.stack([(b_O[l_].to(dev) * _through(post_attn, "ln1_post", l_)).sum(-1) for l_ in range(L)]).cpu()
+        )
+        mlp_bias.append(
+            torch.stack([(b_out[l_].to(dev) * _through(post_mlp, "ln2_post", l_)).sum(-1) for l_ in range(L)]).cpu()
+            if b_out is not None
+            else torch.zeros(L, m)
+        )
         if W_out is not None:
             per = []
             for layer in range(L):
                 post = cache[f"blocks.{layer}.mlp.hook_post"][idx.to(dev), p.to(dev)].float()  # [m, d_mlp]
-                per.append((post * (eff @ W_out[layer].T)).cpu())  # [m, d_mlp]
+                per.append((post * (_through(post_mlp, "ln2_post", layer) @ W_out[layer].T)).cpu())  # [m, d_mlp]
             na = torch.stack(per)  # [L, m, d_mlp]
             neuron_sum = na.sum(1) if neuron_sum is None else neuron_sum + na.sum(1)
             neuron_abs = na.abs().sum(1) if neuron_abs is None else neuron_abs + na.abs().sum(1)
@@ -414,15 +408,23 @@ def direct_logit_attribution(
     bias = b_U[ans] - (b_U[wr] if wr is not None else 0.0)
     metric = "logit diff" if wr is not None else "logit"
     meta = {"n_prompts": batch, "approximation": "final norm scale frozen at its forward-pass value"}
-    components = Grid(
+    components = PromptGrid(
         comps.mean(1),
         ("component",),
         {"component": labels},
         title=f"DLA per component ({metric})",
         metric=metric,
         meta=meta,
+        per_prompt=comps.T,
     )
-    head_grid = Grid(heads.mean(-1), ("layer", "head"), title=f"DLA per head ({metric})", metric=metric, meta=meta)
+    head_grid = PromptGrid(
+        heads.mean(-1),
+        ("layer", "head"),
+        title=f"DLA per head ({metric})",
+        metric=metric,
+        meta=meta,
+        per_prompt=heads.permute(2, 0, 1),
+    )
     if neuron_sum is not None:
         mean = neuron_sum / batch
         k = min(int(top_k_neurons), mean.numel())
@@ -453,7 +455,7 @@ def direct_logit_attribution(
     )
 
 
-def ioi_logit_attribution(model: Any, dataset: Any, **kwargs: Any) -> LogitAttribution:
+def ioi_logit_attribution(model: Model, dataset: Any, **kwargs: Any) -> LogitAttribution:
     """:func:`direct_logit_attribution` of IO minus S at END on an :class:`mechlib.ioi.IOIDataset`."""
     return direct_logit_attribution(
         model, dataset.tokens, dataset.io_ids, dataset.s_ids, pos=dataset.pos("END"), **kwargs
@@ -522,7 +524,7 @@ class LogitLens:
 
 @torch.no_grad()
 def logit_lens(
-    model: Any,
+    model: Model,
     tokens: Int[torch.Tensor, "batch pos"] | str | Sequence[str],
     answers: AnswerLike,
     wrong: Optional[AnswerLike] = None,
@@ -533,10 +535,10 @@ def logit_lens(
 ) -> LogitLens:
     """Read the answer's logit, rank and probability from the residual after every layer.
 
-    Each accumulated residual (``ActivationCache.accumulated_resid``) goes through the model's
-    real final norm with statistics recomputed from that residual (``apply_ln_to_stack(...,
-    recompute_ln=True)``), then ``W_U`` and ``b_U``. Unlike DLA nothing is frozen here, so the
-    last reading equals the model's output exactly.
+    Each accumulated residual (``ActivationCache.accumulated_resid``) is read by TransformerLens's
+    ``logit_readout``: the model's real final norm with statistics recomputed from that residual,
+    then ``W_U``, ``b_U`` and the architecture's output transform. Unlike DLA nothing is frozen
+    here, so the last reading equals the model's output exactly.
 
     Args:
         model, tokens, answers, wrong, pos, batch_size, progress: As for
@@ -557,9 +559,7 @@ def logit_lens(
     batch_size = whole(batch_size, "batch_size", minimum=1)
     ans = to_answer_ids(model, answers, batch)
     wr = to_answer_ids(model, wrong, batch) if wrong is not None else None
-    W_U = model.W_U.detach().float()
     dev = model_device(model)
-    b_U = _bias(model, "b_U", (int(model.cfg.d_vocab),)).float().to(dev)
     out: dict[str, list[torch.Tensor]] = {"logit": [], "rank": [], "prob": [], "logit_diff": []}
     layer_labels: list[str] = []
     starts = list(range(0, batch, batch_size))
@@ -571,12 +571,11 @@ def logit_lens(
         idx = torch.arange(m, device=dev)
         acc, raw = cache.accumulated_resid(layer=None, incl_mid=False, return_labels=True)  # [R, m, seq, d]
         acc = acc[:, idx, p.to(dev)]  # [R, m, d]
-        normed = cache.apply_ln_to_stack(acc[:, :, None, :], layer=None, recompute_ln=True)[:, :, 0].float()
+        readout = logit_readout(model, acc, chunk_size=max(64, m)).values.float()  # [R, m, vocab]
         layer_labels = ["embed"] + [f"L{i}" for i in range(len(raw) - 1)]
         a, w = ans[sl].to(dev), (wr[sl].to(dev) if wr is not None else None)
         lg, rk, pr, ld = [], [], [], []
-        for r in range(normed.shape[0]):
-            logits = normed[r] @ W_U + b_U  # [m, vocab]
+        for logits in readout:  # [m, vocab] per reading
             al = logits[idx, a]
             lg.append(al.cpu())
             rk.append((logits > al[:, None]).sum(-1).float().cpu())

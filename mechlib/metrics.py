@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
+from mechlib.answers import AnswerLike, to_answer_ids
+from mechlib.types import Model
 from mechlib.validate import metric_values, whole
 
 __all__ = ["Metric", "as_metric", "logit_diff", "answer_prob", "ioi_metric", "normalised", "answer_ids"]
-
-AnswerLike = Union[str, int, Sequence[Union[str, int]], torch.Tensor]
 
 
 @dataclass
@@ -115,31 +115,8 @@ def as_metric(metric: Union[Metric, Callable[[torch.Tensor], Any]]) -> Metric:
     return Metric(metric, name=getattr(metric, "__name__", "metric"), last_only=False)
 
 
-def answer_ids(model: Any, answers: AnswerLike, n: int) -> Int[torch.Tensor, " batch"]:
-    """One token id per prompt from strings (each must be ONE token), ids or a tensor.
-
-    Raises:
-        ValueError: A string that is several tokens (with its pieces), or a count that is not ``n``.
-    """
-    if model is None:
-        if isinstance(answers, str) or (
-            isinstance(answers, (list, tuple)) and any(isinstance(a, str) for a in answers)
-        ):
-            raise ValueError("string answers need a model with a tokenizer; pass token ids instead")
-        t = torch.as_tensor(answers)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"answers must be token ids (integers), got {answers!r}")
-        ids = t.long().flatten()
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError(f"answers must be token ids >= 0, got {ids.tolist()}")
-        if ids.numel() == 1 and n > 1:
-            ids = ids.repeat(n)
-        if ids.numel() != n:
-            raise ValueError(f"got {ids.numel()} answers for {n} prompts; give one answer, or exactly one per prompt")
-        return ids
-    from mechlib.logit_attribution import to_answer_ids
-
-    return to_answer_ids(model, answers, n)
+#: The old name of :func:`mechlib.answers.to_answer_ids`, kept importable from here.
+answer_ids = to_answer_ids
 
 
 def _check_pos(pos: Any) -> Optional[Union[int, torch.Tensor]]:
@@ -167,7 +144,7 @@ def _positions_index(logits: torch.Tensor, pos: Optional[Union[int, torch.Tensor
 
 
 def logit_diff(
-    model: Any,
+    model: Model,
     correct: AnswerLike,
     wrong: AnswerLike,
     *,
@@ -193,11 +170,11 @@ def logit_diff(
     """
     pos = _check_pos(pos)
     _check_bool(per_prompt, "per_prompt")
-    c = _as_ids(model, correct, "correct")
-    w = _as_ids(model, wrong, "wrong")
+    c = to_answer_ids(model, correct, name="correct")
+    w = to_answer_ids(model, wrong, name="wrong")
     n = max(c.numel(), w.numel())
-    c = answer_ids(None, c, n)
-    w = answer_ids(None, w, n)
+    c = to_answer_ids(None, c, n, name="correct")
+    w = to_answer_ids(None, w, n, name="wrong")
 
     def fn(logits: torch.Tensor) -> torch.Tensor:
         at = _positions_index(logits, pos)
@@ -210,7 +187,7 @@ def logit_diff(
 
 
 def answer_prob(
-    model: Any, answer: AnswerLike, *, pos: Optional[Union[int, torch.Tensor]] = None, per_prompt: bool = True
+    model: Model, answer: AnswerLike, *, pos: Optional[Union[int, torch.Tensor]] = None, per_prompt: bool = True
 ) -> Metric:
     """Probability of the answer token (softmax over the vocabulary), per prompt.
 
@@ -222,7 +199,7 @@ def answer_prob(
     """
     pos = _check_pos(pos)
     _check_bool(per_prompt, "per_prompt")
-    a = _as_ids(model, answer, "answer")
+    a = to_answer_ids(model, answer, name="answer")
 
     def fn(logits: torch.Tensor) -> torch.Tensor:
         at = _positions_index(logits, pos).float()
@@ -276,29 +253,6 @@ def _check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-def _as_ids(model: Any, answers: AnswerLike, name: str = "answers") -> torch.Tensor:
-    if not isinstance(answers, (torch.Tensor, str)) and hasattr(answers, "__array__"):  # numpy
-        answers = torch.as_tensor(answers)
-    if isinstance(answers, torch.Tensor):
-        if answers.ndim > 1:
-            raise ValueError(f"{name} must be one token per prompt ([batch]), got shape {tuple(answers.shape)}")
-        if answers.is_floating_point() or answers.is_complex() or answers.dtype == torch.bool:
-            raise TypeError(f"{name} must be token ids (integers), got a {answers.dtype} tensor")
-        if answers.numel() == 0:
-            raise ValueError(f"{name} is empty; give one answer, or one per prompt")
-        return answers.long().flatten()
-    if isinstance(answers, (str, int)) and not isinstance(answers, bool):
-        return answer_ids(model, answers, 1)
-    if isinstance(answers, (bool, float)) or not isinstance(answers, Sequence):
-        raise TypeError(f"{name} must be token ids or one-token strings, got {answers!r} ({type(answers).__name__})")
-    for a in answers:
-        if not isinstance(a, str):
-            whole(a, f"{name} (a token id)")
-    if len(answers) == 0:
-        raise ValueError(f"{name} is empty; give one answer, or one per prompt")
-    return answer_ids(model, list(answers), len(answers))
 
 
 def _broadcast(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -41,7 +41,10 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mechlib.metrics import logit_diff
+from mechlib.models import model_device
 from mechlib.stats import Estimate, rate_ci
+from mechlib.types import Model
 
 __all__ = [
     "PHENOMENA",
@@ -395,7 +398,7 @@ class PairScores:
         )
 
 
-def _sentence_logprobs(model: Any, texts: list[str], batch_size: int, progress: bool) -> torch.Tensor:
+def _sentence_logprobs(model: Model, texts: list[str], batch_size: int, progress: bool) -> torch.Tensor:
     tok = model.tokenizer
     bos = (
         [int(tok.bos_token_id)]
@@ -405,7 +408,7 @@ def _sentence_logprobs(model: Any, texts: list[str], batch_size: int, progress: 
     ids = [bos + tok.encode(t, add_special_tokens=False) for t in texts]
     out = torch.zeros(len(texts), dtype=torch.float64)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    device = next(model.parameters()).device
+    device = model_device(model)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="minimal pairs", disable=not progress, leave=False):
         T = max(len(ids[i]) for i in batch)
@@ -421,7 +424,9 @@ def _sentence_logprobs(model: Any, texts: list[str], batch_size: int, progress: 
     return out
 
 
-def score_pairs(model: Any, pairs: Sequence[MinimalPair], *, batch_size: int = 32, progress: bool = True) -> PairScores:
+def score_pairs(
+    model: Model, pairs: Sequence[MinimalPair], *, batch_size: int = 32, progress: bool = True
+) -> PairScores:
     """Whole-sentence log-probability of both members of every pair (BLiMP's comparison).
 
     Args:
@@ -489,8 +494,6 @@ class AgreementPrompts:
 
     def metric(self):
         """Logit of the clean verb form minus the other, at the last position (a ``last_only`` metric)."""
-        from mechlib.metrics import logit_diff
-
         return logit_diff(None, self.correct, self.wrong)
 
     def subset(self, index: Any) -> "AgreementPrompts":
@@ -523,7 +526,7 @@ def _single(tok: Any, word: str) -> Optional[int]:
 
 
 def agreement_prompts(
-    model: Any, n: int = 40, seed: int = 0, phenomenon: str = "agreement_attractor"
+    model: Model, n: int = 40, seed: int = 0, phenomenon: str = "agreement_attractor"
 ) -> AgreementPrompts:
     """``n`` agreement prompts for activation patching, using only nouns and verbs that are single
     tokens for ``model`` so the singular and plural prompts align position by position.

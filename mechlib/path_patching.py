@@ -56,20 +56,17 @@ from mechlib import validate
 from mechlib.backends import Backend, backend_arg, get_backend
 from mechlib.interventions import Freeze, Intervention, Patch, Record, Replace, Site
 from mechlib.metrics import Metric, as_metric
-from mechlib.patching import PatchResult, _scale, base_runs
+from mechlib.patching import PatchResult, base_runs, metric_scale
 from mechlib.results import head_label
-from mechlib.stats import Estimate
+from mechlib.stats import Estimate, mean_ci
+from mechlib.types import Model
 
 __all__ = ["path_patch", "path_patch_sweep", "PathPatchResult", "normalize_receivers"]
 
 HeadLike = Union[str, tuple[int, int]]
 
 
-def _heads(model: Any, heads: Iterable[HeadLike], name: str) -> list[tuple[int, int]]:
-    return validate.head_specs(model, heads, name)
-
-
-def normalize_receivers(model: Any, receivers: Iterable[HeadLike], component: str) -> dict[int, list[int]]:
+def normalize_receivers(model: Model, receivers: Iterable[HeadLike], component: str) -> dict[int, list[int]]:
     """``{layer: [index into hook_{component}'s head axis]}`` for query-head receivers.
 
     For ``"q"`` the index is the query head; for ``"k"``/``"v"`` the KV head the query head reads
@@ -79,7 +76,7 @@ def normalize_receivers(model: Any, receivers: Iterable[HeadLike], component: st
     n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
     group = model.cfg.n_heads // n_kv
     out: dict[int, list[int]] = {}
-    for l, h in _heads(model, receivers, "receivers"):
+    for l, h in validate.head_specs(model, receivers, "receivers"):
         idx = h if component == "q" else h // group
         out.setdefault(l, [])
         if idx not in out[l]:
@@ -115,8 +112,6 @@ class PathPatchResult:
 
     def ci(self, confidence: float = 0.95) -> "Estimate":
         """``value`` with its bootstrap interval over prompts (:func:`mechlib.stats.mean_ci`)."""
-        from mechlib.stats import mean_ci
-
         if self.per_prompt is None:
             raise ValueError(
                 "no per-prompt values: the metric returned one number per batch; use a metric "
@@ -158,7 +153,7 @@ class _PathPatcher:
             if isinstance(receivers, str) and not receivers.upper().startswith("L") and "." not in receivers:
                 raise ValueError(f"receivers must be 'logits' or heads like 'L9H6', (9, 6); got {receivers!r}")
             self.receivers = normalize_receivers(model, receivers, component)
-            self.receiver_labels = [head_label(l, h) for l, h in _heads(model, receivers, "receivers")]
+            self.receiver_labels = [head_label(l, h) for l, h in validate.head_specs(model, receivers, "receivers")]
         self.component = None if self.to_logits else component
         if freeze_mlps and getattr(self.cfg, "attn_only", False):
             freeze_mlps = False
@@ -170,7 +165,7 @@ class _PathPatcher:
             hooks |= {f"blocks.{l}.hook_mlp_out" for l in range(self.L)}
         self.runs, self.base, self.source = base_runs(self.backend, clean, corrupted, hooks, direction)
         self.B = clean.shape[0]
-        self.vc, self.vk, self.offset, self.span = _scale(self.metric, self.runs, normalise)
+        self.vc, self.vk, self.offset, self.span = metric_scale(self.metric, self.runs, normalise)
         self.normalise = normalise
 
     def meta(self) -> dict[str, Any]:
@@ -235,7 +230,7 @@ class _PathPatcher:
 
 
 def path_patch(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable],
@@ -286,7 +281,7 @@ def path_patch(
         normalise,
         backend_arg(backend, use_engine, "path_patch"),
     )
-    s = _heads(model, senders, "senders")
+    s = validate.head_specs(model, senders, "senders")
     if not pp.to_logits and min(l for l, _ in s) >= max(pp.receivers):
         raise ValueError(
             f"no path from senders {[head_label(*h) for h in s]} to receivers {pp.receiver_labels}: every sender is in "
@@ -307,7 +302,7 @@ def path_patch(
 
 
 def path_patch_sweep(
-    model: Any,
+    model: Model,
     clean: Int[torch.Tensor, "batch pos"],
     corrupted: Int[torch.Tensor, "batch pos"],
     metric: Union[Metric, Callable],
@@ -343,7 +338,7 @@ def path_patch_sweep(
     )
     top = model.cfg.n_layers if pp.to_logits else max(pp.receivers)
     cands = (
-        _heads(model, senders, "senders")
+        validate.head_specs(model, senders, "senders")
         if senders is not None
         else [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
     )

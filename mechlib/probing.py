@@ -53,6 +53,8 @@ from tqdm.auto import tqdm
 from mechlib.models import model_device
 from mechlib.results import Grid
 from mechlib.stats import Estimate, mean_ci
+from mechlib.types import Model
+from mechlib.validate import position_list
 
 __all__ = [
     "LabelledTokens",
@@ -208,7 +210,7 @@ def labelled_tokens(
 
 
 def words_to_tokens(
-    model: Any,
+    model: Model,
     sentences: Sequence[Sequence[str]],
     labels: Sequence[Sequence[Any]],
     spaces: Optional[Sequence[Sequence[bool]]] = None,
@@ -258,7 +260,7 @@ def words_to_tokens(
     return labelled_tokens(all_tokens, all_pos, flat_labels, flat_words, name=name, meta=meta)
 
 
-def load_pos(model: Any, tagset: str = "upos", path: Union[str, Path, None] = None) -> LabelledTokens:
+def load_pos(model: Model, tagset: str = "upos", path: Union[str, Path, None] = None) -> LabelledTokens:
     """The part-of-speech data shipped in ``mechlib/data/pos_tags.json``, tokenized for ``model``.
 
     English prose written for mechlib, sentence-split and tagged by spaCy's small English pipeline
@@ -288,14 +290,14 @@ def load_pos(model: Any, tagset: str = "upos", path: Union[str, Path, None] = No
 # ---- activations -----------------------------------------------------------------------------
 
 
-def resid_hooks(model: Any) -> list[str]:
+def resid_hooks(model: Model) -> list[str]:
     """The residual stream entering every layer (``blocks.{l}.hook_resid_pre``) and after the last
     (``blocks.{n-1}.hook_resid_post``): ``n_layers + 1`` hooks; index ``l`` has seen ``l`` layers."""
     n = int(model.cfg.n_layers)
     return [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
 
 
-def check_hooks(model: Any, hooks: Any, name: str = "hooks") -> list[str]:
+def check_hooks(model: Model, hooks: Any, name: str = "hooks") -> list[str]:
     """``hooks`` as a list of hook names the model has; ``ValueError`` naming any unknown one."""
     if isinstance(hooks, str):
         hooks = [hooks]
@@ -319,7 +321,7 @@ def check_hooks(model: Any, hooks: Any, name: str = "hooks") -> list[str]:
 _CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
-def clear_cache(model: Any = None) -> None:
+def clear_cache(model: Optional[Model] = None) -> None:
     """Forget cached activations (of one model, or all)."""
     if model is None:
         _CACHE.clear()
@@ -328,7 +330,7 @@ def clear_cache(model: Any = None) -> None:
 
 
 def collect(
-    model: Any,
+    model: Model,
     data: LabelledTokens,
     hooks: Union[str, Iterable[str], None] = None,
     *,
@@ -717,7 +719,7 @@ class ProbeSweep:
 
 
 def sweep(
-    model: Any,
+    model: Model,
     data: LabelledTokens,
     *,
     hooks: Union[str, Iterable[str], None] = None,
@@ -814,7 +816,7 @@ def sweep(
 
 
 def position_sweep(
-    model: Any,
+    model: Model,
     tokens: torch.Tensor,
     labels: Any,
     groups: Any,
@@ -866,8 +868,6 @@ def position_sweep(
     if len(torch.unique(y)) != 2:
         raise ValueError(f"labels must hold exactly two classes, got {torch.unique(y).tolist()}")
     y = (y == torch.unique(y)[1]).long()
-    from mechlib.validate import position_list
-
     pos = position_list(T, positions)
     if pos_labels is not None and len(pos_labels) != T:
         raise ValueError(f"pos_labels has {len(pos_labels)} entries for {T} positions")

@@ -7,7 +7,9 @@
   CDN (require.js, MathJax, Mermaid, widget managers), and CircuitsVis views embed their bundle
   (:mod:`mechlib.views`);
 * :func:`update_readme`: the README's findings section, between ``<!-- findings:start -->`` and
-  ``<!-- findings:end -->``, rendered from the records (never typed by hand).
+  ``<!-- findings:end -->``, rendered from the records (never typed by hand): where the records
+  hold several models, first what holds across models
+  (:func:`mechlib.reports.render_across_models`), then the table with a column per model.
 
 ``python -m mechlib.publish [--readme] [--reports DIR]`` does all three from what ``reports/``
 already holds, without executing anything.
@@ -21,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from mechlib.reports import by_model, gather, record_stem, render_by_model, reports_dir
+from mechlib.reports import by_model, gather, record_stem, render_across_models, render_by_model, reports_dir
 
 __all__ = ["README_END", "README_START", "gather_all", "notebook_html", "update_readme", "write_index"]
 
@@ -224,10 +226,14 @@ def update_readme(
     if not rows:
         return f"README not rewritten: {reports}/findings holds no record"
     profiles = ", ".join(sorted({str(r.get("profile")) for r in rows}))
+    across = render_across_models(rows)
+    if across:
+        across = f"### What holds across models\n\n{across}\n### Every finding, per model\n\n"
     section = (
         f"{README_START}\n"
         "<!-- Rendered by `make reproduce` (mechlib.publish.update_readme) from reports/findings/; do not edit. -->\n"
-        f"{len(rows)} findings, {sum(bool(r['holds']) for r in rows)} hold (profile: {profiles}). "
+        f"{len(rows)} findings, {sum(bool(r['holds']) for r in rows)} hold (profile: {profiles}).\n\n"
+        f"{across}"
         "Each cell: whether the claim holds, then what was measured, with its interval where the claim rests on one.\n\n"
         f"{table}"
         f"{README_END}"

@@ -33,10 +33,12 @@ from mechlib.stats import Estimate
 __all__ = [
     "Finding",
     "FindingsRecord",
+    "across_models",
     "gather",
     "profile",
     "quick",
     "record_stem",
+    "render_across_models",
     "render_by_model",
     "render_table",
     "reports_dir",
@@ -325,6 +327,102 @@ def render_by_model(rows: list[dict[str, Any]]) -> str:
     return header + "\n".join(body) + "\n"
 
 
+def across_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What holds across models, per notebook, from findings rows (several models' records).
+
+    Returns:
+        One entry per notebook, in order of appearance: ``notebook``, ``models`` (every model of
+        ``rows``), ``claims`` (how many), ``everywhere`` (claims that hold on every model),
+        ``some`` (``(claim, holds_on, fails_on)`` for claims that hold on some models and not on
+        others), ``nowhere`` (claims that hold on no model that ran them), ``missing``
+        (``(claim, models)`` for claims some model has no record of: not run there, or a claim
+        only one model's run makes) and ``not_applicable`` (``(claim, models)`` where a record
+        marks the claim ``applicable=False``, e.g. self-explanations on a base model; such a claim
+        counts as not holding there). A claim is counted in ``everywhere`` only where every model
+        ran it and it holds on each.
+    """
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    status: dict[str, dict[str, dict[str, bool]]] = {}
+    inapplicable: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        status.setdefault(r["notebook"], {}).setdefault(r["claim"], {})[str(r["model"])] = bool(r["holds"])
+        if not r["holds"] and (r.get("details") or {}).get("applicable") is False:
+            inapplicable.setdefault((r["notebook"], r["claim"]), []).append(str(r["model"]))
+    out = []
+    for notebook, claims in status.items():
+        entry: dict[str, Any] = {
+            "notebook": notebook,
+            "models": models,
+            "claims": len(claims),
+            "everywhere": [],
+            "some": [],
+            "nowhere": [],
+            "missing": [],
+            "not_applicable": [],
+        }
+        for claim, per_model in claims.items():
+            held = [m for m in models if per_model.get(m) is True]
+            failed = [m for m in models if per_model.get(m) is False]
+            absent = [m for m in models if m not in per_model]
+            if absent:
+                entry["missing"].append((claim, absent))
+            if (notebook, claim) in inapplicable:
+                entry["not_applicable"].append((claim, inapplicable[(notebook, claim)]))
+            if held and failed:
+                entry["some"].append((claim, held, failed))
+            elif held and not absent:
+                entry["everywhere"].append(claim)
+            elif failed and not held:
+                entry["nowhere"].append(claim)
+        out.append(entry)
+    return out
+
+
+def render_across_models(rows: list[dict[str, Any]]) -> str:
+    """A Markdown summary of :func:`across_models`: per notebook, how many claims hold on every
+    model, and the claims that hold on some models but not on others (named, grouped by where they
+    hold), on none, are not applicable on a model, or lack a model's record. Empty where ``rows``
+    hold fewer than two models."""
+    entries = across_models(rows)
+    if not entries or len(entries[0]["models"]) < 2:
+        return ""
+    models = entries[0]["models"]
+
+    def listed(claims: list[str]) -> str:
+        return "; ".join(f"“{c}”" for c in claims)
+
+    lines = [
+        f"Models: {', '.join(models)}. Per notebook: how many claims hold on every model, then, named, the claims "
+        "that hold on some models and not on others, or on none.",
+        "",
+    ]
+    for e in entries:
+        parts = [f"**{e['notebook']}**: {len(e['everywhere'])} of {e['claims']} claims hold on every model."]
+        na = {claim: ms for claim, ms in e["not_applicable"]}
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
+        for claim, held, failed in e["some"]:
+            groups.setdefault((tuple(held), tuple(failed)), []).append(claim)
+        for (held, failed), claims in groups.items():
+            applicable = [c for c in claims if not set(failed) & set(na.get(c, ()))]
+            if applicable:
+                parts.append(f"Holds on {', '.join(held)} but not on {', '.join(failed)}: {listed(applicable)}.")
+        by_models: dict[tuple[str, ...], list[str]] = {}
+        for claim, ms in e["not_applicable"]:
+            by_models.setdefault(tuple(ms), []).append(claim)
+        for ms, claims in by_models.items():
+            parts.append(f"Not applicable on {', '.join(ms)} (counted as not holding): {listed(claims)}.")
+        nowhere = [c for c in e["nowhere"] if c not in na]
+        if nowhere:
+            parts.append(f"Holds on no model: {listed(nowhere)}.")
+        absent: dict[tuple[str, ...], list[str]] = {}
+        for claim, ms in e["missing"]:
+            absent.setdefault(tuple(ms), []).append(claim)
+        for ms, claims in absent.items():
+            parts.append(f"No record on {', '.join(ms)}: {listed(claims)}.")
+        lines.append("* " + " ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
 def gather(folder: Optional[Path] = None) -> tuple[list[dict[str, Any]], str]:
     """Collect ``<reports>/findings/*.json`` into ``findings.json`` and ``findings.md`` (where
     several models ran, the table with a column per model comes first).
@@ -343,6 +441,8 @@ def gather(folder: Optional[Path] = None) -> tuple[list[dict[str, Any]], str]:
     table = render_table(rows)
     root.mkdir(parents=True, exist_ok=True)
     (root / "findings.json").write_text(json.dumps(rows, indent=2) + "\n")
-    per_model = render_by_model(rows) + "\n" if len({r["model"] for r in rows}) > 1 else ""
-    (root / "findings.md").write_text("# Findings\n\n" + per_model + table)
+    several = len({r["model"] for r in rows}) > 1
+    per_model = render_by_model(rows) + "\n" if several else ""
+    across = "## What holds across models\n\n" + render_across_models(rows) + "\n" if several else ""
+    (root / "findings.md").write_text("# Findings\n\n" + across + per_model + table)
     return rows, table

@@ -16,49 +16,20 @@ Example:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
-__all__ = ["Grid", "head_label", "parse_head"]
+from mechlib.stats import Estimate, mean_ci
+from mechlib.validate import parse_head, whole  # parse_head is re-exported: it lives in mechlib.validate
+
+__all__ = ["Grid", "PromptGrid", "head_label", "parse_head"]
 
 
 def head_label(layer: int, head: int) -> str:
     """``"L5H1"``: the label mechlib uses for attention head ``head`` of layer ``layer``."""
     return f"L{layer}H{head}"
-
-
-def parse_head(label: str | tuple[int, int]) -> tuple[int, int]:
-    """``"L5H1"``, ``"5.1"``, ``(5, 1)`` or ``[5, 1]`` -> ``(5, 1)``; anything else is an error.
-
-    Strict: ``"L0H1x"``, ``"L1.5H2"``, ``(1.0, 2)``, ``(True, 1)`` and negative indices are refused
-    (``ValueError`` for a malformed label or a negative index, ``TypeError`` for another type), never
-    read as the nearest head.
-    """
-    from mechlib.validate import whole
-
-    if isinstance(label, (tuple, list)):
-        if len(label) != 2:
-            raise ValueError(f"a head is (layer, head), got {label!r} with {len(label)} entries")
-        try:
-            layer, head = whole(label[0], "the head's layer"), whole(label[1], "the head's index")
-        except TypeError as exc:
-            raise TypeError(f"cannot read a head from {label!r}: {exc}") from None
-        if layer < 0 or head < 0:
-            raise ValueError(f"a head's layer and index are non-negative, got {label!r}")
-        return layer, head
-    if not isinstance(label, str):
-        raise TypeError(f"a head is 'L5H1', '5.1' or (5, 1), got {label!r} ({type(label).__name__})")
-    m = _HEAD_RE.fullmatch(label.strip())
-    if m is None:
-        raise ValueError(f"cannot read a head from {label!r}; write it as 'L5H1', '5.1' or (5, 1)")
-    a, b = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-    return int(a), int(b)
-
-
-_HEAD_RE = re.compile(r"[Ll]([0-9]+)[Hh]([0-9]+)|([0-9]+)\.([0-9]+)")
 
 
 @dataclass
@@ -236,3 +207,160 @@ class Grid:
             raise ValueError(f"cannot plot {v.ndim} axes; select() some first")
         ax.set_title(self.title)
         return fig
+
+
+@dataclass(repr=False, eq=False)
+class PromptGrid(Grid):
+    """A :class:`Grid` of means over prompts that keeps each prompt's values, for error bars.
+
+    ``per_prompt`` is ``[prompt, *values.shape]``; ``values`` is its mean over prompts (NaN-aware:
+    a prompt where a cell is undefined, e.g. a sequence with no induction target, is left out of
+    that cell). :meth:`stderr` and :meth:`ci` give grids of standard errors and bootstrap
+    intervals over prompts, :meth:`estimate` one cell's :class:`~mechlib.stats.Estimate` (what a
+    findings claim is checked against), :meth:`plot_top` the top cells with their intervals.
+    Head scores (:func:`mechlib.induction.head_scores`), direct logit attribution per head and
+    component, head attention (:func:`mechlib.attention.head_attention`) and patching grids
+    (:class:`~mechlib.patching.PatchResult`) all are ``PromptGrid`` objects.
+
+    Example:
+        >>> per = torch.tensor([[[0.2, 0.8]], [[0.4, 0.6]], [[0.3, 0.7]]])  # 3 prompts, 1 x 2 grid
+        >>> g = PromptGrid(per.mean(0), ("layer", "head"), per_prompt=per)
+        >>> round(g.estimate(layer=0, head=1).value, 3), g.estimate(layer=0, head=1).n
+        (0.7, 3)
+        >>> low, high = g.ci(0.95)
+        >>> bool(low.values[0, 1] <= 0.7 <= high.values[0, 1])
+        True
+    """
+
+    per_prompt: Optional[torch.Tensor] = None
+
+    #: Label of the bootstrap's generator and default resamples: with these, one cell of
+    #: :meth:`ci` is exactly :func:`mechlib.stats.mean_ci` of that cell's per-prompt values.
+    _ci_label: ClassVar[str] = "mean_ci"
+    _ci_resamples: ClassVar[int] = 2000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_prompt is not None:
+            self.per_prompt = torch.as_tensor(self.per_prompt).detach().cpu()
+            if tuple(self.per_prompt.shape[1:]) != tuple(self.values.shape):
+                raise ValueError(
+                    f"per_prompt must be [prompt, *{tuple(self.values.shape)}], got {tuple(self.per_prompt.shape)}"
+                )
+
+    @classmethod
+    def from_prompts(cls, per_prompt: torch.Tensor, dims: tuple[str, ...], **kw: Any) -> "PromptGrid":
+        """A grid whose values are the (NaN-aware) mean over prompts of ``per_prompt``."""
+        per = torch.as_tensor(per_prompt).detach().cpu().float()
+        return cls(per.nanmean(0), dims, per_prompt=per, **kw)
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self._need_prompts().shape[0])
+
+    def _need_prompts(self) -> torch.Tensor:
+        if self.per_prompt is None:
+            raise ValueError(
+                "this result has no per-prompt values: its metric returned one number per batch; "
+                "use a metric that returns [batch] values (every mechlib.metrics builder does)"
+            )
+        return self.per_prompt
+
+    def _defined_prompts(self) -> torch.Tensor:
+        """Per-prompt values without the prompts where no cell is defined (all NaN)."""
+        per = self._need_prompts()
+        keep = ~torch.isnan(per.reshape(per.shape[0], -1).float()).all(1)
+        return per if bool(keep.all()) or not bool(keep.any()) else per[keep]
+
+    def _like(self, values: torch.Tensor, what: str) -> Grid:
+        return Grid(values, self.dims, self.labels, f"{self.title} ({what})", self.metric, dict(self.meta))
+
+    def _cell(self, coords: dict[str, Any]) -> tuple[int, ...]:
+        idx = []
+        for d in self.dims:
+            if d not in coords:
+                raise KeyError(f"give every axis of {self.dims}, got {sorted(coords)}")
+            c = coords[d]
+            if isinstance(c, str):
+                if c not in self.labels[d]:
+                    raise KeyError(f"{d}={c!r} is not one of the labels of axis {d!r}")
+                c = self.labels[d].index(c)
+            c = whole(c, d)
+            if not 0 <= c < self.values.shape[self.dims.index(d)]:
+                raise IndexError(f"{d}={c} is out of range 0..{self.values.shape[self.dims.index(d)] - 1}")
+            idx.append(c)
+        unknown = set(coords) - set(self.dims)
+        if unknown:
+            raise KeyError(f"no axis {sorted(unknown)}; axes are {self.dims}")
+        return tuple(idx)
+
+    def at(self, **coords: Any) -> torch.Tensor:
+        """Per-prompt values of one cell, e.g. ``at(layer=5, head=1)`` (a string is a label)."""
+        return self._need_prompts()[(slice(None), *self._cell(coords))]
+
+    def estimate(self, confidence: float = 0.95, **coords: Any) -> Estimate:
+        """One cell's mean over prompts with its bootstrap interval (:func:`mechlib.stats.mean_ci`);
+        prompts where the cell is undefined (NaN) are left out, e.g. ``estimate(layer=5, head=1)``."""
+        v = self.at(**coords)
+        v = v[~torch.isnan(v.float())]
+        return mean_ci(v, confidence=confidence, name=f"per-prompt values of {self.label(**self._named(coords))}")
+
+    def _named(self, coords: dict[str, Any]) -> dict[str, int]:
+        return dict(zip(self.dims, self._cell(coords)))
+
+    def stderr(self) -> Grid:
+        """Standard error of each cell's mean over prompts (TransformerLens's ``standard_error``)."""
+        from transformer_lens.utilities.statistics import standard_error
+
+        per = self._defined_prompts()
+        if per.shape[0] < 2:
+            return self._like(torch.full_like(self.values, float("nan")), "standard error")
+        return self._like(standard_error(per.double(), dim=0).float(), "standard error")
+
+    def ci(self, confidence: float = 0.95, *, n_resamples: Optional[int] = None, seed: int = 0) -> tuple[Grid, Grid]:
+        """Percentile-bootstrap interval of each cell's mean over prompts, as ``(low, high)`` grids.
+
+        TransformerLens's ``bootstrap_ci`` (as :func:`mechlib.stats.mean_ci`), vectorised over cells
+        (every cell resampled with the same prompt indices); one prompt gives a zero-width
+        interval; NaN cells stay NaN (use :meth:`estimate` for a cell some prompts leave undefined).
+        """
+        from transformer_lens.utilities.statistics import bootstrap_ci, derive_generator
+
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        per = self._defined_prompts()
+        if per.shape[0] == 1:
+            return self._like(per[0], "low"), self._like(per[0], "high")
+        lo, hi = bootstrap_ci(
+            per.double(),
+            dim=0,
+            confidence=confidence,
+            n_resamples=self._ci_resamples if n_resamples is None else n_resamples,
+            generator=derive_generator(seed, self._ci_label),
+        )
+        pct = f"{round(confidence * 100)}% CI"
+        return self._like(lo.float(), f"{pct} low"), self._like(hi.float(), f"{pct} high")
+
+    def plot_top(self, k: int = 10, *, confidence: float = 0.95, absolute: bool = True, ax: Optional[Any] = None):
+        """Bar chart of the ``k`` top cells with their confidence intervals over prompts."""
+        import matplotlib.pyplot as plt
+
+        top = self.top(k, absolute=absolute)
+        lo, hi = self.ci(confidence)
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(top) + 1.5), 3.2))
+        vals = [v for _, v in top]
+        idx = [tuple(c.values()) for c, _ in top]
+        err = [
+            [v - float(lo.values[i]) for v, i in zip(vals, idx)],
+            [float(hi.values[i]) - v for v, i in zip(vals, idx)],
+        ]
+        ax.bar(range(len(top)), vals, yerr=err, capsize=3)
+        ax.set_xticks(range(len(top)), [self.label(**c) for c, _ in top], rotation=60, fontsize=7)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_ylabel(self.metric)
+        ax.set_title(f"{self.title}: top {len(top)} ({round(confidence * 100)}% CI over {self.n_prompts} prompts)")
+        return ax.figure
+
+    def __repr__(self) -> str:
+        return Grid.__repr__(self)

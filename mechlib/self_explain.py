@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import torch
 
 from mechlib import attribution as attr
+from mechlib.types import Model
 from mechlib.validate import choice, str_list, whole
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "classification_input",
     "explain",
     "generate",
+    "has_chat_template",
     "match_words",
     "parse",
     "predicted_labels",
@@ -143,14 +145,21 @@ _USER = {
 }
 
 
-def _tokenizer(model: Any) -> Any:
+def has_chat_template(model: Model) -> bool:
+    """Whether ``model``'s tokenizer has a chat template (an instruct model: the self-explanation
+    prompts need one; a base model such as ``gemma3-270m`` has none)."""
+    tok = getattr(model, "tokenizer", None)
+    return tok is not None and bool(getattr(tok, "chat_template", None))
+
+
+def _tokenizer(model: Model) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None or not getattr(tok, "chat_template", None):
         raise TypeError("model needs a tokenizer with a chat template (an instruct model such as smollm2-135m)")
     return tok
 
 
-def chat_prompt(model: Any, review: str, scheme: str = "plain", *, k: int = 3) -> str:
+def chat_prompt(model: Model, review: str, scheme: str = "plain", *, k: int = 3) -> str:
     """The full chat-formatted prompt (system, user turn, assistant header) for one review.
 
     Args:
@@ -166,18 +175,29 @@ def chat_prompt(model: Any, review: str, scheme: str = "plain", *, k: int = 3) -
     return _tokenizer(model).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def classification_input(model: Any, review: str | Review) -> attr.Segmented:
+def classification_input(model: Model, review: str | Review) -> attr.Segmented:
     """The plain prompt with the assistant's reply begun as ``"Sentiment:"``: the next token is the
     decision (`` positive`` vs `` negative``) that :mod:`mechlib.attribution` explains. The review's
-    words are the attributed segment; the chat template around them is kept fixed."""
+    words are the attributed segment; the chat template around them is kept fixed.
+
+    A base model (no chat template, :func:`has_chat_template` is false) gets the same question as
+    plain text to complete, ``"<question>\\nReview: <review>\\nSentiment:"`` (after its BOS token
+    where the model expects one): the decision and its attributions need no chat template, only the
+    self-explanations (:func:`chat_prompt`) do."""
     text = review.text if isinstance(review, Review) else review
+    if not has_chat_template(model):
+        if getattr(model, "tokenizer", None) is None:
+            raise TypeError("model has no tokenizer: build the input from token ids with attribution.from_tokens")
+        tok = model.tokenizer
+        bos = tok.bos_token if getattr(model.cfg, "default_prepend_bos", False) and tok.bos_token else ""
+        return attr.segment(model, text.split(), prefix=f"{bos}{_QUESTION}\nReview: ", suffix="\nSentiment:")
     marker = "\x00REVIEW\x00"
     full = chat_prompt(model, marker, "plain")
     prefix, suffix = full.split(marker)
     return attr.segment(model, text.split(), prefix=prefix, suffix=suffix + "Sentiment:")
 
 
-def predicted_labels(model: Any, targets: Sequence[attr.Target]) -> list[str]:
+def predicted_labels(model: Model, targets: Sequence[attr.Target]) -> list[str]:
     """The label each decision target stands for (its ``answer`` is one of :data:`ANSWERS`)."""
     ids = {attr.answer_id(model, a): label for a, label in zip(ANSWERS, LABELS)}
     unknown = [t.answer for t in targets if t.answer not in ids]
@@ -195,7 +215,7 @@ def predicted_labels(model: Any, targets: Sequence[attr.Target]) -> list[str]:
 
 
 def generate(
-    model: Any, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0
+    model: Model, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (chat-formatted strings), batched with left padding.
 
@@ -390,7 +410,7 @@ def as_attribution(
 
 
 def explain(
-    model: Any,
+    model: Model,
     items: Sequence[Review | str],
     scheme: str,
     *,

@@ -28,7 +28,9 @@ import torch
 from jaxtyping import Int
 
 from mechlib.induction import HEAD_KINDS, head_scores, repeat_loss, repeated_tokens
+from mechlib.models import random_model
 from mechlib.results import Grid
+from mechlib.types import Model
 
 __all__ = ["ToyConfig", "ToyLog", "ToyResult", "repeat_task_batch", "train_induction_model"]
 
@@ -106,7 +108,7 @@ class ToyResult:
         eval_tokens: The fixed repeated-token batch the logs were measured on.
     """
 
-    model: Any
+    model: Model
     history: list[ToyLog]
     config: ToyConfig
     seed: int
@@ -225,8 +227,6 @@ def train_induction_model(
         A :class:`ToyResult`.
     """
     from tqdm.auto import tqdm
-
-    from mechlib.models import random_model
 
     cfg = config or ToyConfig()
     if steps < 1 or log_every < 1:

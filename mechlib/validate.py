@@ -2,7 +2,7 @@
 
 Checks: token ids (:func:`token_tensor`, :func:`token_pair`), index lists (:func:`layer_list`,
 :func:`head_list`, :func:`position_list`), head specs (:func:`head_specs`, via the strict
-:func:`mechlib.results.parse_head`), per-prompt positions (:func:`prompt_positions`), token spans
+:func:`parse_head`), per-prompt positions (:func:`prompt_positions`), token spans
 (:func:`span`), numbers and options (:func:`whole`, :func:`choice`), lists of strings
 (:func:`str_list`) and a metric's output (:func:`metric_values`: finite floats, scalar or
 ``[batch]``; :meth:`mechlib.metrics.Metric.check` adds the ``last_only`` proof on a base run).
@@ -27,9 +27,12 @@ Example:
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+
+from mechlib.types import Model
 
 __all__ = [
     "whole",
@@ -42,10 +45,12 @@ __all__ = [
     "str_list",
     "n_kv_heads",
     "head_specs",
+    "parse_head",
     "metric_values",
     "span",
     "choice",
     "prompt_positions",
+    "folded_model",
 ]
 
 
@@ -107,7 +112,7 @@ def int_list(
     return sorted(set(out))
 
 
-def layer_list(model: Any, layers: Any, name: str = "layers") -> list[int]:
+def layer_list(model: Model, layers: Any, name: str = "layers") -> list[int]:
     """Every layer for ``None``; else sorted unique layer indices, checked against the model."""
     n = int(model.cfg.n_layers)
     if layers is None:
@@ -115,12 +120,12 @@ def layer_list(model: Any, layers: Any, name: str = "layers") -> list[int]:
     return int_list(layers, name, n=n, what="layers", example=f"[0, {n - 1}]")
 
 
-def n_kv_heads(model: Any) -> int:
+def n_kv_heads(model: Model) -> int:
     """Key/value heads per layer (``n_heads`` on models without grouped-query attention)."""
     return int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
 
 
-def head_list(model: Any, heads: Any, *, kv: bool = False, name: str = "heads") -> list[int]:
+def head_list(model: Model, heads: Any, *, kv: bool = False, name: str = "heads") -> list[int]:
     """Every head for ``None``; else sorted unique head indices within one layer."""
     n = n_kv_heads(model) if kv else int(model.cfg.n_heads)
     if heads is None:
@@ -136,7 +141,7 @@ def position_list(n_pos: int, positions: Any, name: str = "positions") -> list[i
     return int_list(positions, name, n=n_pos, what="positions", example="[0, -1]", allow_negative=True)
 
 
-def token_tensor(tokens: Any, model: Any = None, name: str = "tokens") -> torch.Tensor:
+def token_tensor(tokens: Any, model: Optional[Model] = None, name: str = "tokens") -> torch.Tensor:
     """A ``[batch, pos]`` integer token tensor, checked against the model's vocabulary and context."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(
@@ -163,7 +168,7 @@ def token_tensor(tokens: Any, model: Any = None, name: str = "tokens") -> torch.
     return tokens.long()
 
 
-def token_pair(clean: Any, corrupted: Any, model: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_pair(clean: Any, corrupted: Any, model: Optional[Model] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and corrupted token tensors of one shape (patching pairs them row by row)."""
     clean = token_tensor(clean, model, "clean")
     corrupted = token_tensor(corrupted, model, "corrupted")
@@ -201,11 +206,38 @@ def choice(value: Any, name: str, options: Sequence[str]) -> str:
     return value
 
 
-def head_specs(model: Any, heads: Any, name: str = "heads") -> list[tuple[int, int]]:
-    """``"L5H1"`` / ``(5, 1)`` or a list of them as unique ``(layer, head)`` pairs (in the given
-    order), read by :func:`mechlib.results.parse_head` and checked against the model."""
-    from mechlib.results import parse_head
+def parse_head(label: str | tuple[int, int]) -> tuple[int, int]:
+    """``"L5H1"``, ``"5.1"``, ``(5, 1)`` or ``[5, 1]`` -> ``(5, 1)``; anything else is an error.
 
+    Strict: ``"L0H1x"``, ``"L1.5H2"``, ``(1.0, 2)``, ``(True, 1)`` and negative indices are refused
+    (``ValueError`` for a malformed label or a negative index, ``TypeError`` for another type), never
+    read as the nearest head.
+    """
+    if isinstance(label, (tuple, list)):
+        if len(label) != 2:
+            raise ValueError(f"a head is (layer, head), got {label!r} with {len(label)} entries")
+        try:
+            layer, head = whole(label[0], "the head's layer"), whole(label[1], "the head's index")
+        except TypeError as exc:
+            raise TypeError(f"cannot read a head from {label!r}: {exc}") from None
+        if layer < 0 or head < 0:
+            raise ValueError(f"a head's layer and index are non-negative, got {label!r}")
+        return layer, head
+    if not isinstance(label, str):
+        raise TypeError(f"a head is 'L5H1', '5.1' or (5, 1), got {label!r} ({type(label).__name__})")
+    m = _HEAD_RE.fullmatch(label.strip())
+    if m is None:
+        raise ValueError(f"cannot read a head from {label!r}; write it as 'L5H1', '5.1' or (5, 1)")
+    a, b = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    return int(a), int(b)
+
+
+_HEAD_RE = re.compile(r"[Ll]([0-9]+)[Hh]([0-9]+)|([0-9]+)\.([0-9]+)")
+
+
+def head_specs(model: Model, heads: Any, name: str = "heads") -> list[tuple[int, int]]:
+    """``"L5H1"`` / ``(5, 1)`` or a list of them as unique ``(layer, head)`` pairs (in the given
+    order), read by :func:`parse_head` and checked against the model."""
     if heads is None:
         raise TypeError(f"{name} must be heads like ['L5H1', (5, 1)], got None")
     if isinstance(heads, str) or (isinstance(heads, tuple) and len(heads) == 2 and all(_is_int(x) for x in heads)):
@@ -308,3 +340,32 @@ def prompt_positions(pos: Any, batch: int, n_pos: int, name: str = "pos") -> tor
             f"got {pos if not isinstance(pos, torch.Tensor) else pos.tolist()}"
         )
     return p
+
+
+def folded_model(model: Model, operation: str, name: str = "model") -> None:
+    """Refuse a model whose final norm is not folded into the unembedding (as TransformerLens's DLA does).
+
+    Direct logit attribution reads each component through the frozen final norm and ``W_U``; that is the
+    model's logit only in compatibility mode (``enable_compatibility_mode()``: the final norm's weight and
+    bias folded into ``W_U``/``b_U``, ``W_U`` centred). Outside it the numbers would be silently wrong.
+
+    Raises:
+        ValueError: naming ``name``, ``operation`` and the fix.
+    """
+    fix = (
+        "load it with mechlib.load_model(...) (which enables compatibility mode) or call "
+        "model.enable_compatibility_mode() with its default weight processing first"
+    )
+    if not getattr(model, "compatibility_mode", False):
+        raise ValueError(f"{name} is not in compatibility mode, so {operation} would give wrong numbers; {fix}")
+    ln_final = getattr(model, "ln_final", None)
+    weight = getattr(ln_final, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        identity = (
+            torch.zeros_like(weight) if getattr(model.cfg, "rmsnorm_uses_offset", False) else torch.ones_like(weight)
+        )
+        if not torch.equal(weight, identity):
+            raise ValueError(f"{name}'s final norm weight is not folded into W_U, so {operation} would be wrong; {fix}")
+    bias = getattr(ln_final, "bias", None)
+    if isinstance(bias, torch.Tensor) and bool(bias.detach().any()):
+        raise ValueError(f"{name}'s final norm bias is not folded into b_U, so {operation} would be wrong; {fix}")

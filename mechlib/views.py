@@ -23,7 +23,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from jaxtyping import Float, Int
 
-from mechlib.results import head_label, parse_head
+from mechlib.models import model_device
+from mechlib.results import head_label
+from mechlib.types import Model
+from mechlib.validate import parse_head
 
 __all__ = ["OfflineView", "attention_heads", "attention_patterns", "offline"]
 
@@ -134,7 +137,7 @@ def attention_heads(
 
 
 def attention_patterns(
-    model: Any,
+    model: Model,
     inputs: Union[str, Int[torch.Tensor, " pos"], Int[torch.Tensor, "1 pos"]],
     heads: Optional[Sequence[HeadSpec]] = None,
     *,
@@ -192,7 +195,7 @@ def attention_patterns(
             tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1:
         raise ValueError(f"pass one sequence (shape [pos] or [1, pos]), got shape {tuple(tokens.shape)}")
-    tokens = tokens.to(model.cfg.device)
+    tokens = tokens.to(model_device(model))
 
     if labels is None:
         if getattr(model, "tokenizer", None) is not None:

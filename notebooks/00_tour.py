@@ -37,7 +37,8 @@ MODEL = "smollm2-135m"  # any name from mechlib.list_models(); "gpt2-small" wher
 SEED = 0
 QUICK = quick()  # True under `make test` (MECHLIB_PROFILE=quick); the tour is small either way
 TOP_K = 5
-TOLERANCE = 0.05  # how far a top-1 probability may sit from the reference measured for MODEL
+N_IOI = 32 if QUICK else 128  # IOI prompts behind the family claim of section 5
+PATTERN_LAYER = 17  # the layer whose heads section 3 draws (SmolLM2 has induction heads there); capped at the last
 
 # %% [markdown]
 # ## 1. The model registry
@@ -99,12 +100,13 @@ for prompt in (PARIS, IOI):
 logits, cache = model.run_with_cache(model.to_tokens(IOI))
 pattern_keys = [k for k in cache.keys() if k.endswith("attn.hook_pattern")]
 print(len(cache.keys()), "cached activations, e.g.", pattern_keys[:2])
-print("layer 17 patterns:", tuple(cache["blocks.17.attn.hook_pattern"].shape))
+layer = min(PATTERN_LAYER, cfg.n_layers - 1)
+print(f"layer {layer} patterns:", tuple(cache[f"blocks.{layer}.attn.hook_pattern"].shape))
 
 # %% [markdown]
 # `mechlib.views.attention_patterns` draws chosen heads with CircuitsVis. Unlike CircuitsVis's own
 # display, it always embeds the JavaScript bundle shipped in the package, so it works offline and
-# never calls the network. Here, every head of layer 17 on a sentence that repeats: heads that look
+# never calls the network. Here, every head of layer `PATTERN_LAYER` on a sentence that repeats: heads that look
 # from the second copy of a token to the token that followed its first copy are *induction heads*,
 # the subject of notebook 01. Click a head to enlarge it.
 
@@ -112,7 +114,7 @@ print("layer 17 patterns:", tuple(cache["blocks.17.attn.hook_pattern"].shape))
 from mechlib.views import attention_patterns
 
 REPEATED = "The cat sat on the mat because it was warm. The cat sat on the mat because it was warm."
-attention_patterns(model, REPEATED, layer=17)
+attention_patterns(model, REPEATED, layer=layer)
 
 # %% [markdown]
 # ## 4. The notebooks
@@ -136,24 +138,57 @@ for path in notebook_paths():
 # %% [markdown]
 # ## 5. The tour's finding
 #
-# Both prompts must come out top-1 with the expected token, at the probability recorded for this
-# model in `REFERENCE` (an earlier measurement, kept to catch a silent change in the model or the
-# loader) within `TOLERANCE`. For a model without a reference, only the top-1 claim is checked.
+# The two showcase prompts are checked as a top-1 token each. One prompt is an anecdote, so the IOI
+# prompt also stands for its family: `N_IOI` prompts from `mechlib.ioi.make_ioi_dataset` (the
+# sentence above and its variants), measured with a 95% interval over prompts (`mechlib.stats`);
+# a family claim holds only where the whole interval clears its threshold. The family has a
+# control: the same prompts with all three names replaced by fresh ones (ABC), where no name is the
+# indirect object; the paired permutation p-value that the clean prompts favour IO more than the
+# ABC ones is recorded with the claim. The Paris prompt's family, the landmark prompts of
+# `mechlib.facts`, is printed for context only: notebook 03 studies which facts the model knows.
 
 # %%
-REFERENCE = {"smollm2-135m": {PARIS: 0.70, IOI: 0.92}}
+from mechlib.facts import load_facts, score_facts
+from mechlib.ioi import ioi_baseline, make_ioi_dataset
+from mechlib.stats import paired_pvalue, rate_ci
+
+landmarks = score_facts(model, load_facts(["landmark_city"]), progress=False)
+landmark_top1 = rate_ci([s.known for s in landmarks], name="landmark city top-1")
+ioi = ioi_baseline(model, make_ioi_dataset(model, N_IOI, seed=SEED))
+ioi_p = paired_pvalue(ioi.per_prompt - ioi.corrupted_per_prompt, seed=SEED)
+print(f"landmark prompts, city top-1: {landmark_top1}")
+print(f"IOI prompts, IO > S: {ioi.accuracy_ci()}; IO top-1: {ioi.top1_ci()}")
+print(f"IOI logit diff {ioi.logit_diff_ci()} vs ABC control {ioi.corrupted_ci()}; paired p = {ioi_p:.2g}")
+
+# %%
 EXPECTED = {PARIS: " Paris", IOI: " Mary"}
 
-record = FindingsRecord("00_tour", model=MODEL, parameters={"top_k": TOP_K, "tolerance": TOLERANCE})
+record = FindingsRecord("00_tour", model=MODEL, parameters={"top_k": TOP_K, "n_ioi": N_IOI, "seed": SEED})
 for prompt, token in EXPECTED.items():
     top_token, top_p = predictions[prompt][0]
-    reference = REFERENCE.get(MODEL, {}).get(prompt)
-    close = reference is None or abs(top_p - reference) <= TOLERANCE
     record.add(
         claim=f"{prompt!r} -> top-1 {token!r}",
-        measured={"top-1": top_token, "p": round(top_p, 4)},
-        holds=top_token == token and close,
-        reference="" if reference is None else f"{token!r} p={reference} ± {TOLERANCE}",
-        source="mechlib tour (SmolLM2-135M, measured)",
+        measured={"top-1": top_token},
+        holds=top_token == token,
+        reference=f"top-1 {token!r}",
+        source="mechlib tour",
+        p=round(top_p, 4),
     )
+record.check(
+    "IOI prompts: the model gives IO a higher logit than S on most of them (ABC-corrupted prompts as the control)",
+    ioi.accuracy_ci(),
+    above=0.5,
+    reference="GPT-2 small: IO > S in 99.3%",
+    source="Wang et al. 2022",
+    p_value_vs_abc=ioi_p,
+    logit_diff=ioi.logit_diff_ci().to_dict(),
+    abc_logit_diff=ioi.corrupted_ci().to_dict(),
+)
+record.check(
+    "IOI prompts: IO is the model's top-1 token on most of them",
+    ioi.top1_ci(),
+    above=0.5,
+    reference="When Mary and John went to the store, John gave a drink to -> Mary",
+    source="Wang et al. 2022",
+)
 record.conclude()

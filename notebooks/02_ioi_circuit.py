@@ -45,6 +45,8 @@ SEED = 0
 QUICK = mechlib.reports.quick()
 
 N_PROMPTS = 12 if QUICK else 32     # IOI prompts (BABA and ABBA alternating); ABC corruptions alongside
+N_HELD_OUT = 64 if QUICK else 256   # a second draw of IOI prompts: the circuit is found on the first, its
+                                     # claims (behaviour, S-inhibition path, faithfulness) confirmed on these
 DLA_FRAC = 0.05                      # a head "writes the answer" if |DLA| >= 5% of the logit difference
 PATH_FRAC = 0.04                     # a sender matters if its path carries >= 4% of the effect
 MAX_CLASS = 4                        # at most this many heads per upstream class
@@ -66,7 +68,8 @@ from mechlib.metrics import ioi_metric
 from mechlib.patching import evaluate_circuit, head_attention, patch
 from mechlib.path_patching import path_patch, path_patch_sweep
 from mechlib.reports import FindingsRecord
-from mechlib.results import head_label, parse_head
+from mechlib.results import head_label
+from mechlib.stats import mean_ci, paired_pvalue
 
 mechlib.set_threads()
 torch.manual_seed(SEED)
@@ -89,6 +92,13 @@ print(ds.report())
 base = ioi_baseline(model, ds)
 print(base)
 LD = base.logit_diff
+# the claims rest on a second, larger draw of prompts: the circuit is found on `ds`, confirmed on `held`
+held = make_ioi_dataset(model, N_HELD_OUT, seed=SEED + 1)
+held_metric = ioi_metric(held)
+wide = ioi_baseline(model, held)
+wide_p = paired_pvalue(wide.per_prompt - wide.corrupted_per_prompt, seed=SEED)
+print(f"{N_HELD_OUT} held-out prompts: logit diff {wide.logit_diff_ci()}, IO > S {wide.accuracy_ci()}, "
+      f"ABC {wide.corrupted_ci()}; clean vs ABC paired p = {wide_p:.2g}")
 
 # %% [markdown]
 # ## 2 · Direct logit attribution: which heads write the answer
@@ -100,8 +110,9 @@ LD = base.logit_diff
 # %%
 dla = ioi_logit_attribution(model, ds, progress=False)
 print(dla.summary(k=8))
-direct = [(c["layer"], c["head"]) for c, v in dla.heads.top(len(ALL), absolute=True) if abs(v) >= DLA_FRAC * LD]
-print(f"heads with |DLA| >= {DLA_FRAC:.0%} of the logit diff ({DLA_FRAC * LD:.2f}):",
+# |LD|: where the logit difference is negative (a model that does not do IOI), DLA_FRAC * LD would admit every head
+direct = [(c["layer"], c["head"]) for c, v in dla.heads.top(len(ALL), absolute=True) if abs(v) >= DLA_FRAC * abs(LD)]
+print(f"heads with |DLA| >= {DLA_FRAC:.0%} of the logit diff ({DLA_FRAC * abs(LD):.2f}):",
       ", ".join(f"{head_label(*h)} {float(dla.heads.values[h]):+.2f}" for h in direct))
 dla.heads.plot();
 
@@ -144,14 +155,18 @@ att.plot(cmap="Blues", center=None);
 
 # %%
 # Per prompt: does each name mover attend to IO more than to S (S1 + S2)?
-nm_att = head_attention(model, ds.tokens, [head_label(*h) for h in NM], ds.pos("END"), keys)
-per = nm_att.meta["per_prompt"]                       # [head, key, prompt]
+nm_att = head_attention(model, ds.tokens, [head_label(*h) for h in NM], ds.pos("END"), keys) if NM else None
+per = nm_att.meta["per_prompt"] if NM else torch.zeros(0, len(keys), len(ds.tokens))  # [head, key, prompt]
 io_over_s = (per[:, 0] > per[:, 1] + per[:, 2]).float().mean(1)
 for h, frac in zip(NM, io_over_s.tolist()):
     print(f"{head_label(*h)} attends to IO more than to S on {frac:.0%} of prompts")
 nm_io = float(per[:, 0].mean())
 nm_s = float((per[:, 1] + per[:, 2]).mean())
 print(f"name movers, mean attention END->IO {nm_io:.3f} vs END->S {nm_s:.3f}")
+# per prompt (NM heads averaged): attention to IO minus 1.5x attention to S, and the NM's DLA as a share of LD
+nm_att_margin = mean_ci((per[:, 0] - 1.5 * (per[:, 1] + per[:, 2])).mean(0)) if NM else None
+nm_dla_share = mean_ci(sum(dla.heads.at(layer=l, head=h) for l, h in NM) / LD) if NM else None
+print(f"name movers: END->IO minus 1.5x END->S {nm_att_margin}; DLA share of the logit diff {nm_dla_share}")
 
 # %% [markdown]
 # ## 4 · Activation patching of every head
@@ -175,36 +190,57 @@ exact.plot();
 # sender's corrupted output reaches only the name movers' query input, every other head is frozen to
 # its clean output (MLPs recomputed, as in the paper). On SmolLM2 a query belongs to one query head,
 # so the receivers are exactly the name movers (keys and values would be shared by a KV group of 3).
+# The heads are found on the `N_PROMPTS` prompts; the class's path, and its control, are then
+# measured on the `N_HELD_OUT` held-out prompts, where a 95% interval over prompts is informative.
 
 # %%
 def senders_below(layer):
     lo = 0 if SENDER_SPAN is None else max(0, layer - SENDER_SPAN)
     return [(l, h) for l in range(lo, layer) for h in range(cfg.n_heads)]
 
-first_nm = min(l for l, _ in NM)
-pq = path_patch_sweep(model, ds.tokens, ds.corrupted_tokens, metric, [head_label(*h) for h in NM],
-                      component="q", senders=senders_below(first_nm), progress=False)
-print("senders -> name movers' queries, lowest:",
-      ", ".join(f"{pq.label(**c)} {v:.3f}" for c, v in pq.top(8, largest=False)))
-SINH = [(c["layer"], c["head"]) for c, v in pq.top(MAX_CLASS, largest=False) if 1 - v >= PATH_FRAC]
-print("S-inhibition-like heads:", ", ".join(head_label(*h) for h in SINH))
-pq.plot();
+SINH = []  # found through the name movers' queries: none without name movers
+if NM:
+    first_nm = min(l for l, _ in NM)
+    pq = path_patch_sweep(model, ds.tokens, ds.corrupted_tokens, metric, [head_label(*h) for h in NM],
+                          component="q", senders=senders_below(first_nm), progress=False)
+    print("senders -> name movers' queries, lowest:",
+          ", ".join(f"{pq.label(**c)} {v:.3f}" for c, v in pq.top(8, largest=False)))
+    SINH = [(c["layer"], c["head"]) for c, v in pq.top(MAX_CLASS, largest=False) if 1 - v >= PATH_FRAC]
+    pq.plot();
+print("S-inhibition-like heads:", ", ".join(head_label(*h) for h in SINH) or "none (no name movers, or no sender passes PATH_FRAC)")
 
 # %%
 # The class together, through the name movers' queries only; and a control: as many random heads
 # from the same layers (none of the class).
-sinh_path = path_patch(model, ds.tokens, ds.corrupted_tokens, metric, SINH, [head_label(*h) for h in NM], component="q")
+# on the held-out prompts: the heads were chosen on `ds`
+sinh_path = path_patch(model, held.tokens, held.corrupted_tokens, held_metric, SINH, [head_label(*h) for h in NM], component="q") if SINH else None
 rng = random.Random(SEED)
-controls = []
-for _ in range(3):
+controls, ctrl_results = [], []
+for _ in range(3 if SINH else 0):  # no S-inhibition heads: nothing to measure or control
     ctrl = [(l, rng.choice([h for h in range(cfg.n_heads) if (l, h) not in SINH])) for l, _ in SINH]
-    controls.append(path_patch(model, ds.tokens, ds.corrupted_tokens, metric, ctrl, [head_label(*h) for h in NM], component="q").effect)
+    ctrl_results.append(path_patch(model, held.tokens, held.corrupted_tokens, held_metric, ctrl, [head_label(*h) for h in NM], component="q"))
+    controls.append(ctrl_results[-1].effect)
 print(sinh_path)
-print(f"S-inhibition class -> name-mover queries carries {sinh_path.effect:.1%} of the clean-corrupted difference; "
-      f"random same-layer heads: {', '.join(f'{c:.1%}' for c in controls)}")
-# Where do the S-inhibition heads look? In GPT-2 they attend from END to S2.
-sinh_att = head_attention(model, ds.tokens, [head_label(*h) for h in SINH], ds.pos("END"), keys)
-print(sinh_att.values)
+if SINH:
+    print(f"S-inhibition class -> name-mover queries carries {sinh_path.effect:.1%} of the clean-corrupted difference; "
+          f"random same-layer heads: {', '.join(f'{c:.1%}' for c in controls)}")
+
+
+def effect_per_prompt(r):
+    """A path's share of the effect, per prompt (1 - value when noising, as PathPatchResult.effect)."""
+    return 1 - r.per_prompt if r.meta.get("direction") == "noise" else r.per_prompt
+
+
+sinh_effect = sinh_margin = sinh_p = sinh_att = None
+if SINH:
+    sinh_effect = mean_ci(effect_per_prompt(sinh_path))
+    best_ctrl = ctrl_results[max(range(len(controls)), key=lambda i: controls[i])]  # the strongest control
+    sinh_margin = mean_ci(effect_per_prompt(sinh_path) - 2 * effect_per_prompt(best_ctrl))
+    sinh_p = paired_pvalue(effect_per_prompt(sinh_path) - effect_per_prompt(best_ctrl), seed=SEED)
+    print(f"S-inhibition effect {sinh_effect}; minus 2x the strongest control {sinh_margin}; paired p = {sinh_p:.2g}")
+    # Where do the S-inhibition heads look? In GPT-2 they attend from END to S2.
+    sinh_att = head_attention(model, ds.tokens, [head_label(*h) for h in SINH], ds.pos("END"), keys)
+    print(sinh_att.values)
 
 # %% [markdown]
 # ## 6 · Upstream: induction, duplicate-token and previous-token heads
@@ -225,7 +261,7 @@ s2 = head_attention(model, ds.tokens, [head_label(*h) for h in ALL], ds.pos("S2"
                     {"S1": ds.pos("S1"), "S1+1": ds.pos("S1+1")})
 dup_ioi = s2.values[:, 0].reshape(cfg.n_layers, cfg.n_heads)
 ind_ioi = s2.values[:, 1].reshape(cfg.n_layers, cfg.n_heads)
-top_sinh = max(l for l, _ in SINH)
+top_sinh = max((l for l, _ in SINH), default=0)  # no S-inhibition heads: nothing is upstream of them
 known = set(direct + SINH)
 upstream = [(c["layer"], c["head"]) for c, v in exact.top(len(ALL), largest=False)
             if 1 - v >= PATH_FRAC and c["layer"] < top_sinh and (c["layer"], c["head"]) not in known]
@@ -262,20 +298,32 @@ for name, r in routes.items():
 # Every head outside the circuit is mean-ablated (its output replaced by its mean over the ABC
 # prompts of the same template, per position: the paper's procedure), MLPs and embeddings left as
 # they are. Faithfulness = the circuit's logit difference / the full model's. A random set of as
-# many heads, ablating the rest the same way, is the control.
+# many heads, ablating the rest the same way, is the control. The circuit was found on the
+# `N_PROMPTS` prompts; it is scored on the `N_HELD_OUT` held-out ones.
 
 # %%
 CIRCUIT = sorted(set(NM + NEG + SSUP + classes["other direct"] + SINH + IND + DUP + PREV))
-groups = ds.template_ids.tolist()
-circ = evaluate_circuit(model, ds.tokens, CIRCUIT, metric, reference=ds.corrupted_tokens, groups=groups)
+groups = held.template_ids.tolist()  # on the held-out prompts: the circuit was found on `ds`
+circ = evaluate_circuit(model, held.tokens, CIRCUIT, held_metric, reference=held.corrupted_tokens, groups=groups)
 rng = random.Random(SEED + 1)
-rand = [evaluate_circuit(model, ds.tokens, rng.sample(ALL, len(CIRCUIT)), metric,
-                         reference=ds.corrupted_tokens, groups=groups).faithfulness for _ in range(N_RANDOM)]
+rand_circuits = [evaluate_circuit(model, held.tokens, rng.sample(ALL, len(CIRCUIT)), held_metric,
+                                 reference=held.corrupted_tokens, groups=groups) for _ in range(N_RANDOM)]
+rand = [r.faithfulness for r in rand_circuits]
+# per prompt, on the intact model's mean logit difference as the unit (CircuitScore.faithfulness_ci)
+faith = circ.per_prompt / circ.model_value
+rand_faith = torch.stack([r.per_prompt / r.model_value for r in rand_circuits])  # [random circuit, prompt]
+best_rand = rand_faith[max(range(N_RANDOM), key=lambda i: rand[i])]
+faith_vs_mean = mean_ci(faith - rand_faith.mean(0))
+faith_vs_best = mean_ci(faith - best_rand)
+faith_p = paired_pvalue(faith - rand_faith.mean(0), seed=SEED)
+rank_p = (1 + sum(r >= circ.faithfulness for r in rand)) / (1 + N_RANDOM)  # permutation p over random circuits
+print(f"faithfulness {circ.faithfulness_ci()}; minus the random circuits' mean {faith_vs_mean} (paired p = {faith_p:.2g}); "
+      f"minus the best random circuit {faith_vs_best}; rank p among {N_RANDOM} random circuits {rank_p:.2g}")
 print(circ)
 print(f"random circuits of {len(CIRCUIT)} heads: faithfulness {', '.join(f'{r:.2f}' for r in rand)} "
       f"(mean {sum(rand) / len(rand):.2f})")
-no_nm = evaluate_circuit(model, ds.tokens, [h for h in CIRCUIT if h not in NM], metric,
-                         reference=ds.corrupted_tokens, groups=groups)
+no_nm = evaluate_circuit(model, held.tokens, [h for h in CIRCUIT if h not in NM], held_metric,
+                         reference=held.corrupted_tokens, groups=groups)
 print(f"circuit without its name movers: faithfulness {no_nm.faithfulness:.2f}")
 
 # %% [markdown]
@@ -287,7 +335,7 @@ print(f"circuit without its name movers: faithfulness {no_nm.faithfulness:.2f}")
 # %%
 approx = attribution_patch(model, ds.tokens, ds.corrupted_tokens, metric, "head_out", direction="noise")
 cmp = compare(approx, exact)
-print(cmp)
+print(cmp, "correlation over prompts:", cmp.correlation_ci())
 cmp.plot();
 
 # %% [markdown]
@@ -343,7 +391,7 @@ CLASSES = {  # class -> (heads, GPT-2 small's heads in the paper, evidence measu
     "S-inhibition": (SINH, "7.3, 7.9, 8.6, 8.10",
                      f"END->S2 {', '.join(f'{float(v):.2f}' for v in sinh_att.values[:, 2])}; path into the name movers' "
                      f"queries alone: {sinh_path.effect:.0%} of the effect (random same-layer heads: "
-                     f"{', '.join(f'{c:.0%}' for c in controls)})"),
+                     f"{', '.join(f'{c:.0%}' for c in controls)})" if SINH else "-"),
     "induction": (IND, "5.5, 6.9", each(IND, lambda h: (
         f"S2->S1+1 {float(ind_ioi[h]):.2f}, induction score {float(scores['induction'].values[h]):.2f}"))),
     "previous-token": (PREV, "2.2, 4.11", each(PREV, lambda h: (
@@ -360,7 +408,7 @@ summary = [
     "* **Routes into the S-inhibition heads and the induction heads** (share of the effect): "
     + (", ".join(f"{name} {effect:.0%}" for name, effect in route.items()) or "none tested")
     + (f"; KV heads patched: {', '.join(kv)}" if kv else "") + ".",
-    f"* **Faithfulness** ({'quick' if QUICK else 'full'} profile, {N_PROMPTS} prompts): mean-ablating the other "
+    f"* **Faithfulness** ({'quick' if QUICK else 'full'} profile, {N_HELD_OUT} held-out prompts): mean-ablating the other "
     f"{len(ALL) - len(CIRCUIT)} heads keeps {circ.faithfulness:.0%} of the logit difference with {len(CIRCUIT)} heads "
     f"(GPT-2 small: 87% with 26); random circuits of the same size keep {sum(rand) / len(rand):+.2f} on average; "
     f"without its name movers the circuit keeps {no_nm.faithfulness:.0%}.",
@@ -370,51 +418,99 @@ Markdown("\n".join(table) + "\n\n" + "\n".join(summary))
 
 # %%
 record = FindingsRecord("02_ioi_circuit", model=MODEL)
-record.add(
-    claim="The model does IOI: positive mean logit difference IO - S, IO > S on most prompts",
-    measured={"logit_diff": round(LD, 3), "accuracy": round(base.accuracy, 3), "corrupted_logit_diff": round(base.corrupted_logit_diff, 3)},
-    reference="GPT-2 small: logit diff 3.56, IO > S in 99.3%",
-    source="Wang et al. 2022", holds=LD > 1.0 and base.accuracy > 0.8 and abs(base.corrupted_logit_diff) < 0.5 * LD,
+record.parameters = dict(n_prompts=N_PROMPTS, n_held_out=N_HELD_OUT, n_random=N_RANDOM, dla_frac=DLA_FRAC,
+                         path_frac=PATH_FRAC, max_class=MAX_CLASS, sender_span=SENDER_SPAN, seed=SEED)
+src = "Wang et al. 2022"
+
+
+def check_class(claim, heads_found, estimate, **kw):
+    """record.check where the class was found; a claim that does not hold where it was not."""
+    if heads_found and estimate is not None:
+        return record.check(claim, estimate, source=src, **kw)
+    thresholds = {k: kw.pop(k) for k in ("above", "below") if k in kw}
+    return record.add(claim, "no such heads found", holds=False, source=src, **thresholds, **kw)
+
+
+record.check(
+    "The model does IOI: mean logit difference IO - S above 1 (logits)",
+    wide.logit_diff_ci(), above=1.0, reference="GPT-2 small: logit diff 3.56", source=src, n_prompts=N_HELD_OUT,
 )
-record.add(
-    claim="Name movers exist: heads with positive DLA that attend from END to IO more than to S; together they write a clear share of the logit diff",
-    measured={"heads": [head_label(*h) for h in NM], "dla_sum": round(nm_dla, 3), "attn_IO": round(nm_io, 3), "attn_S": round(nm_s, 3)},
-    reference="GPT-2 small: 9.9, 9.6, 10.0",
-    source="Wang et al. 2022", holds=len(NM) >= 1 and nm_dla > 0.15 * LD and nm_io > 1.5 * nm_s,
+record.check(
+    "The model does IOI: IO > S on more than 80% of prompts",
+    wide.accuracy_ci(), above=0.8, reference="GPT-2 small: IO > S in 99.3%", source=src, n_prompts=N_HELD_OUT,
 )
-record.add(
-    claim="Negative name movers exist: attend to IO, write against it",
-    measured={h: round(float(dla.heads.values[parse_head(h)]), 3) for h in [head_label(*x) for x in NEG]},
-    reference="GPT-2 small: 10.7, 11.10",
-    source="Wang et al. 2022", holds=len(NEG) >= 1 and all(float(dla.heads.values[h]) < 0 for h in NEG),
+record.check(
+    "The ABC corruption removes the preference: mean logit difference on ABC prompts within half the clean one "
+    "(clean vs ABC paired p-value recorded)",
+    wide.corrupted_ci(), above=-0.5 * wide.logit_diff, below=0.5 * wide.logit_diff,
+    reference="ABC prompts carry no IO/S signal", source=src, clean=wide.logit_diff_ci().to_dict(), p_value=wide_p,
 )
-record.add(
-    claim="S-inhibition-like heads act through the name movers' queries: path patching the class into those queries alone carries a clear share of the effect, well above random same-layer heads",
-    measured={"heads": [head_label(*h) for h in SINH], "effect": round(sinh_path.effect, 3), "random_controls": [round(c, 3) for c in controls]},
-    reference="GPT-2 small: 7.3, 7.9, 8.6, 8.10",
-    source="Wang et al. 2022", holds=len(SINH) >= 1 and sinh_path.effect > 0.1 and sinh_path.effect > 2 * max(controls),
+check_class(
+    "Name movers: together they write more than 15% of the logit difference directly (DLA, per prompt)",
+    NM, nm_dla_share, above=0.15, reference="GPT-2 small: 9.9, 9.6, 10.0", heads=[head_label(*h) for h in NM],
 )
-record.add(
-    claim="Upstream of the S-inhibition heads sit heads that attend from S2 to S1+1 (induction) or S1 (duplicate token)",
-    measured={"induction": [head_label(*h) for h in IND], "duplicate": [head_label(*h) for h in DUP],
-              "previous_token": [head_label(*h) for h in PREV], "routes": {k: round(r.effect, 3) for k, r in routes.items()}},
+check_class(
+    "Name movers attend from END to IO more than 1.5x as much as to S (S1 + S2), per prompt",
+    NM, nm_att_margin, above=0.0, reference="GPT-2 small: 9.9, 9.6, 10.0", heads=[head_label(*h) for h in NM],
+    attn_IO=round(nm_io, 3), attn_S=round(nm_s, 3),
+)
+neg_idx = [direct.index(h) for h in NEG]
+check_class(
+    "Negative name movers write against IO: their summed DLA is below 0 (per prompt)",
+    NEG, mean_ci(sum(dla.heads.at(layer=l, head=h) for l, h in NEG)) if NEG else None, below=0.0,
+    reference="GPT-2 small: 10.7, 11.10", heads={head_label(*h): dla.heads.estimate(layer=h[0], head=h[1]).to_dict() for h in NEG},
+)
+check_class(
+    "Negative name movers attend from END to IO more than to S (S1 + S2), per prompt",
+    NEG, mean_ci((att.per_prompt[:, neg_idx, 0] - att.per_prompt[:, neg_idx, 1] - att.per_prompt[:, neg_idx, 2]).mean(1)) if NEG else None,
+    above=0.0, reference="GPT-2 small: 10.7, 11.10", heads=[head_label(*h) for h in NEG],
+)
+check_class(
+    "S-inhibition-like heads act through the name movers' queries: path patching the class into those queries alone "
+    "carries more than 10% of the effect",
+    SINH, sinh_effect, above=0.1, reference="GPT-2 small: 7.3, 7.9, 8.6, 8.10", heads=[head_label(*h) for h in SINH],
+)
+check_class(
+    "S-inhibition-like heads' path carries over 2x the effect of the strongest of 3 random same-layer head sets "
+    "(per prompt: effect minus 2x control, above 0)",
+    SINH, sinh_margin, above=0.0, reference="GPT-2 small: 7.3, 7.9, 8.6, 8.10", p_value=sinh_p,
+    random_controls=[mean_ci(effect_per_prompt(r)).to_dict() for r in ctrl_results],
+)
+upstream_heads = IND + DUP
+s2_sum = {h: s2.at(head=head_label(*h), key="S1") + s2.at(head=head_label(*h), key="S1+1") for h in upstream_heads}
+weakest = min(upstream_heads, key=lambda h: float(s2_sum[h].mean())) if upstream_heads else None
+check_class(
+    "Upstream of the S-inhibition heads sit heads that attend from S2 to S1+1 (induction) or S1 (duplicate token): "
+    "the weakest of them puts more than 0.2 of its attention on S1 + S1+1",
+    upstream_heads, mean_ci(s2_sum[weakest]) if weakest else None, above=0.2,
     reference="GPT-2 small: induction 5.5, 6.9; duplicate-token 0.1, 3.0",
-    source="Wang et al. 2022", holds=len(IND + DUP) >= 1 and all(float(ind_ioi[h] + dup_ioi[h]) > 0.2 for h in IND + DUP),
+    induction=[head_label(*h) for h in IND], duplicate=[head_label(*h) for h in DUP],
+    previous_token=[head_label(*h) for h in PREV], weakest=head_label(*weakest) if weakest else None,
+    routes={k: r.ci().to_dict() for k, r in routes.items()},
 )
-record.add(
-    claim="The circuit alone keeps a clear fraction of the logit diff when every other head is mean-ablated (ABC means per template); random circuits of the same size keep far less",
-    measured={"n_heads": len(CIRCUIT), "faithfulness": round(circ.faithfulness, 3), "random_mean": round(sum(rand) / len(rand), 3), "random_max": round(max(rand), 3)},
-    reference="GPT-2 small: 87% of the logit diff kept by 26 heads",
-    source="Wang et al. 2022", holds=circ.faithfulness > 0.4 and circ.faithfulness > sum(rand) / len(rand) + 0.3 and circ.faithfulness > max(rand),
+faith_details = dict(
     # everything needed to re-check the claim elsewhere: every head of the circuit, by class
     circuit=[head_label(*h) for h in CIRCUIT],
     classes={name: [head_label(*h) for h in hs] for name, (hs, _, _) in CLASSES.items()},
-    without_name_movers=round(no_nm.faithfulness, 3), n_prompts=N_PROMPTS,
+    without_name_movers=no_nm.faithfulness_ci().to_dict(), n_prompts=N_HELD_OUT, n_heads=len(CIRCUIT),
 )
-record.add(
-    claim="Attribution patching approximates exact activation patching on the head grid",
-    measured={"correlation": round(cmp.correlation, 3), "cells": cmp.n},
-    reference="good for head outputs on GPT-2 small (Nanda 2023)",
-    source="Nanda 2023", holds=cmp.correlation > 0.6,
+record.check(
+    "The circuit alone keeps more than 40% of the logit diff when every other head is mean-ablated (ABC means per template)",
+    circ.faithfulness_ci(), above=0.4, reference="GPT-2 small: 87% of the logit diff kept by 26 heads", source=src,
+    **faith_details,
+)
+record.check(
+    f"Random circuits of the same size keep far less: circuit minus the mean of {N_RANDOM} random circuits above 0.3 (per prompt)",
+    faith_vs_mean, above=0.3, reference="GPT-2 small: 87% with 26 heads", source=src,
+    p_value=faith_p, rank_p_value=rank_p, random=[round(r, 3) for r in rand],
+)
+record.check(
+    "The circuit keeps more than the best random circuit of the same size (per prompt)",
+    faith_vs_best, above=0.0, reference="GPT-2 small: 87% with 26 heads", source=src, rank_p_value=rank_p,
+)
+record.check(
+    "Attribution patching approximates exact activation patching on the head grid: correlation above 0.6 (bootstrap over prompts)",
+    cmp.correlation_ci(), above=0.6, reference="good for head outputs on GPT-2 small (Nanda 2023)", source="Nanda 2023",
+    cells=cmp.n,
 )
 record.conclude()

@@ -355,16 +355,16 @@ print(f"probe at layer {mid}, last position: {probe_mid_last}; label-shuffle con
 
 # %%
 record.check(
-    f"Subject number is carried at the subject's position in the middle of the network: patching resid_pre "
-    f"there at layer {mid} restores more than half the clean verb preference",
+    "Subject number is carried at the subject's position in the middle of the network: patching resid_pre "
+    "there at the middle layer (n_layers // 2) restores more than half the clean verb preference",
     effect[(mid, "subject")], above=0.5, reference="(new: the papers probe, they do not patch)",
     source="this notebook; method: activation patching (Meng et al. 2022; Wang et al. 2022)",
-    grid=grid.values.tolist(), positions=agree.pos_labels,
+    grid=grid.values.tolist(), positions=agree.pos_labels, layer=mid,
 )
 record.check(
-    f"By the last layer number has moved to the last position: patching it at layer {final} restores more than "
+    "By the last layer number has moved to the last position: patching it at the last layer restores more than "
     "half the verb preference",
-    effect[(final, "last")], above=0.5, reference="(new)", source="this notebook",
+    effect[(final, "last")], above=0.5, reference="(new)", source="this notebook", layer=final,
 )
 record.add(
     "Number moves from the subject to the verb's position late: the crossover layer lies in the last quarter",
@@ -372,14 +372,14 @@ record.add(
     source="this notebook", n_layers=cfg.n_layers,
 )
 record.check(
-    f"Decodable is not used: at layer {mid} a linear probe reads the subject's number at the last position "
+    "Decodable is not used: at the middle layer a linear probe reads the subject's number at the last position "
     "above chance (held-out accuracy, over seeds)",
-    probe_mid_last, above=0.5, reference="probing alone would place number there", source="this notebook",
+    probe_mid_last, above=0.5, reference="probing alone would place number there", source="this notebook", layer=mid,
     label_shuffle=shuffle_mid_last.to_dict(), probe_grid=decoded.values.tolist(), probe_layers=probe_rows,
 )
 record.check(
-    f"... while patching that position at layer {mid} restores under a fifth of the verb preference",
-    effect[(mid, "last")], below=0.2, reference="(new)", source="this notebook",
+    "... while patching that position at the middle layer restores under a fifth of the verb preference",
+    effect[(mid, "last")], below=0.2, reference="(new)", source="this notebook", layer=mid,
 )
 
 # %% [markdown]

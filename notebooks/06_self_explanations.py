@@ -46,7 +46,7 @@
 # %% tags=["parameters"]
 import mechlib.reports
 
-MODEL = "smollm2-135m"   # an instruct model with a chat template
+MODEL = "smollm2-135m"   # an instruct model with a chat template (a base model runs sections 3-4 only)
 SEED = 0
 QUICK = mechlib.reports.quick()
 
@@ -76,11 +76,18 @@ model = mechlib.load_model(MODEL)
 test = se.balanced(se.reviews("test"), N_SENTENCES, seed=SEED)
 labels = [r.label for r in test]
 print(f"{MODEL}: {len(test)} held-out test sentences, {sum(r.label == 'positive' for r in test)} positive")
+CHAT = se.has_chat_template(model)  # the self-explanations need an instruct model's chat template
+if not CHAT:
+    print(f"{MODEL} is a base model (its tokenizer has no chat template): the self-explanation part of this notebook "
+          "needs an instruct model and is skipped; its claims are recorded as not applicable (not holding). "
+          "The decision is read from a plain-text prompt and its attributions (occlusion, integrated gradients) "
+          "are measured as on an instruct model.")
 
 # %% [markdown]
 # ## 1 · The prompts
 #
-# Every prompt goes through the tokenizer's chat template. For attribution the plain question is
+# Every prompt goes through the tokenizer's chat template (a base model, with none, gets the plain
+# question as text to complete, and no self-explanation prompts). For attribution the plain question is
 # used with the assistant's reply already begun as `Sentiment:`, so that the next token is the
 # decision: the **target** of every attribution is the logit difference between the answer the
 # model prefers (` positive` or ` negative`) and the other one, at that position. Only the review's
@@ -89,7 +96,7 @@ print(f"{MODEL}: {len(test)} held-out test sentences, {sum(r.label == 'positive'
 
 # %%
 example = se.reviews("dev")[0]
-for scheme in se.SCHEMES:
+for scheme in se.SCHEMES if CHAT else ():
     print(f"--- {scheme} ---")
     print(se.chat_prompt(model, example.text, scheme, k=K_WORDS))
 seg_example = se.classification_input(model, example)
@@ -108,13 +115,14 @@ segs = [se.classification_input(model, r) for r in test]
 targets = attr.decision_targets(model, segs, *se.ANSWERS)
 logit_pred = se.predicted_labels(model, targets)
 
+schemes = se.SCHEMES if CHAT else ()  # generated answers need the chat template
 runs = {scheme: se.explain(model, test, scheme, k=K_WORDS, batch_size=GEN_BATCH, seed=SEED,
-                           max_new_tokens=8 if scheme == "plain" else MAX_NEW_TOKENS) for scheme in se.SCHEMES}
+                           max_new_tokens=8 if scheme == "plain" else MAX_NEW_TOKENS) for scheme in schemes}
 correct = {"plain (two-answer logits)": [p == y for p, y in zip(logit_pred, labels)]}
-correct.update({f"{s} (generated)": [e.label == y for e, y in zip(runs[s], labels)] for s in se.SCHEMES})
+correct.update({f"{s} (generated)": [e.label == y for e, y in zip(runs[s], labels)] for s in schemes})
 accuracy = {name: rate_ci(c) for name, c in correct.items()}
-parse_table = pd.DataFrame({s: se.summarize(runs[s], test) for s in se.SCHEMES}).T
-predicted_positive = {s: sum(e.label == "positive" for e in runs[s]) for s in se.SCHEMES}
+parse_table = pd.DataFrame({s: se.summarize(runs[s], test) for s in schemes}).T
+predicted_positive = {s: sum(e.label == "positive" for e in runs[s]) for s in schemes}
 display(pd.DataFrame({"accuracy": {k: str(v) for k, v in accuracy.items()}}))
 display(parse_table)
 print("answers labelled positive:", predicted_positive, "of", len(test))
@@ -124,7 +132,7 @@ fig, ax = plt.subplots(figsize=(7, 3))
 names = list(accuracy)
 ax.bar(range(len(names)), [accuracy[n].value for n in names],
        yerr=[[accuracy[n].value - accuracy[n].low for n in names], [accuracy[n].high - accuracy[n].value for n in names]],
-       capsize=4, color=["tab:gray", "tab:blue", "tab:orange", "tab:green"])
+       capsize=4, color=["tab:gray", "tab:blue", "tab:orange", "tab:green"][:len(names)])
 ax.axhline(0.5, color="k", lw=0.8, ls="--", label="chance")
 ax.set_xticks(range(len(names)), names, rotation=15)
 ax.set_ylabel("accuracy (95% CI)")
@@ -134,7 +142,7 @@ ax.set_title(f"{MODEL}: sentiment accuracy per prompting scheme (n={len(test)})"
 plt.show()
 
 # %%
-for r, pe, ep in list(zip(test, runs["P-E"], runs["E-P"]))[:4]:
+for r, pe, ep in list(zip(test, runs.get("P-E", []), runs.get("E-P", [])))[:4]:
     print(f"{r.label:8s} | {r.text}\n  P-E: {pe.text!r}\n  E-P: {ep.text!r}\n")
 
 # %% [markdown]
@@ -155,7 +163,7 @@ methods = {
 }
 ig_error = mean_ci([a.info["relative_error"] for a in methods["integrated gradients"]])
 print(f"IG completeness error, relative to |f(x) - f(baseline)| ({IG_STEPS} steps): {ig_error}")
-for s in ("P-E", "E-P"):
+for s in ("P-E", "E-P") if CHAT else ():
     methods[f"self ({s})"] = [se.as_attribution(e, r.words, method=f"self ({s})") for e, r in zip(runs[s], test)]
 methods["random"] = attr.random_attribution(segs, seed=SEED)
 
@@ -177,7 +185,7 @@ pd.DataFrame({name: [f"{w} ({v:.2f})" for w, v in a[i].top(K_WORDS)] for name, a
 # %%
 rand = attr.faithfulness(model, segs, targets, methods["random"], ks=KS, seed=SEED, method="random")
 faith, covered = {"random": rand}, {"random": list(range(len(segs)))}
-for name in ("occlusion", "integrated gradients", "self (P-E)", "self (E-P)"):
+for name in [m for m in ("occlusion", "integrated gradients", "self (P-E)", "self (E-P)") if m in methods]:
     # a self-explanation that names no word of its sentence ranks nothing: its "ranking" would be a
     # random one, so such sentences are left out of its row (and counted) rather than scored
     idx = [i for i, a in enumerate(methods[name]) if not name.startswith("self") or float(a.scores.max()) > 0]
@@ -227,6 +235,7 @@ plt.show()
 pairs = [("occlusion", "integrated gradients"), ("occlusion", "gradient x input"), ("occlusion", "attention"),
          ("occlusion", "self (P-E)"), ("integrated gradients", "self (P-E)"), ("self (P-E)", "self (E-P)"),
          ("occlusion", "random")]
+pairs = [(a, b) for a, b in pairs if a in methods and b in methods]  # no self-explanations on a base model
 agreement = {}
 for a, b in pairs:
     rc = [attr.rank_correlation(x, y) for x, y in zip(methods[a], methods[b])]
@@ -252,6 +261,11 @@ display(pd.DataFrame({k: {c: str(v) for c, v in r.items() if not c.startswith("_
 # self-explanations and classical attributions disagree; unlike ChatGPT in the paper, this model's
 # self-explanations are not on a par with occlusion. IG's completeness error, gradient x input and
 # attention are measured and shown above, not asserted.
+#
+# On a base model (no chat template, e.g. `gemma3-270m`) the model cannot be asked to explain itself:
+# the decision, occlusion and integrated gradients are measured as above, and the four claims about
+# self-explanations are recorded as *not applicable* (so, not holding), which is what the findings
+# table shows for that model. They need an instruct model.
 
 # %%
 record = FindingsRecord("06_self_explanations", model=MODEL)
@@ -262,13 +276,23 @@ eraser = "DeYoung et al. 2020 (ERASER)"
 record.check("The plain question, read from the two answer logits, classifies above chance",
              accuracy["plain (two-answer logits)"], above=0.5, reference="ChatGPT (SST): well above chance in every scheme",
              source=src, correct=correct["plain (two-answer logits)"])
-gap = [float(a) - float(b) for a, b in zip(correct["plain (two-answer logits)"], correct["P-E (generated)"])]
-record.check("Generating the answer with a self-explanation (P-E) is less accurate than reading the two answer logits",
-             mean_ci(gap), above=0.0, reference="ChatGPT: explaining first (E-P) costs accuracy",
-             source=src, accuracy={k: v.to_dict() for k, v in accuracy.items()}, answers_positive=predicted_positive)
-record.check("The parser reads a label from the P-E answers (share of answers with a label)",
-             rate_ci([e.label is not None for e in runs["P-E"]]), above=0.5, source=src,
-             parse_counts=parse_table.to_dict(orient="index"), raw_answers={s: [e.text for e in runs[s]] for s in se.SCHEMES})
+# On a base model (no chat template) the self-explanation claims cannot be measured: each is recorded as not
+# applicable, which counts as not holding (the findings table says so for this model).
+NOT_APPLICABLE = f"not applicable: {MODEL} has no chat template (self-explanations need an instruct model)"
+claim = "Generating the answer with a self-explanation (P-E) is less accurate than reading the two answer logits"
+details = dict(reference="ChatGPT: explaining first (E-P) costs accuracy", source=src,
+               accuracy={k: v.to_dict() for k, v in accuracy.items()}, answers_positive=predicted_positive)
+if CHAT:
+    gap = [float(a) - float(b) for a, b in zip(correct["plain (two-answer logits)"], correct["P-E (generated)"])]
+    record.check(claim, mean_ci(gap), above=0.0, **details)
+else:
+    record.add(claim, NOT_APPLICABLE, holds=False, applicable=False, **details)
+claim = "The parser reads a label from the P-E answers (share of answers with a label)"
+if CHAT:
+    record.check(claim, rate_ci([e.label is not None for e in runs["P-E"]]), above=0.5, source=src,
+                 parse_counts=parse_table.to_dict(orient="index"), raw_answers={s: [e.text for e in runs[s]] for s in schemes})
+else:
+    record.add(claim, NOT_APPLICABLE, holds=False, source=src, applicable=False)
 for name in ("occlusion", "integrated gradients"):
     record.check(f"{name}: comprehensiveness (AOPC) exceeds the random ranking's",
                  rows[name]["minus random"], above=0.0, reference="classical methods beat random", source=eraser,
@@ -286,10 +310,14 @@ if pe:
     record.check(claim, mean_ci(faith["occlusion"].aopc_comprehensiveness[pe] - faith["self (P-E)"].aopc_comprehensiveness),
                  above=0.0, **details)
 else:
-    record.add(claim, "no P-E answer named a word of its sentence", holds=False, **details)
-record.check("The P-E self-explanation and occlusion disagree: mean rank correlation below 0.5",
-             agreement["occlusion vs self (P-E)"]["rank correlation"], below=0.5,
-             reference="self-explanations and classical methods disagree", source=src,
-             agreement={k: {c: (v.to_dict() if hasattr(v, "to_dict") else v) for c, v in r.items()}
-                        for k, r in agreement.items()})
+    record.add(claim, "no P-E answer named a word of its sentence" if CHAT else NOT_APPLICABLE, holds=False,
+               applicable=CHAT, **details)
+claim = "The P-E self-explanation and occlusion disagree: mean rank correlation below 0.5"
+details = dict(reference="self-explanations and classical methods disagree", source=src,
+               agreement={k: {c: (v.to_dict() if hasattr(v, "to_dict") else v) for c, v in r.items()}
+                          for k, r in agreement.items()})
+if CHAT:
+    record.check(claim, agreement["occlusion vs self (P-E)"]["rank correlation"], below=0.5, **details)
+else:
+    record.add(claim, NOT_APPLICABLE, holds=False, applicable=False, **details)
 record.conclude()

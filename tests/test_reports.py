@@ -94,3 +94,74 @@ def test_load_returns_the_saved_record_and_its_details(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a findings record"):
         FindingsRecord.load("03_y", "tiny-2l", tmp_path)
+
+
+def _rows(records):
+    """Findings rows as gather() returns them: records is {(notebook, model): {claim: holds}}."""
+    return [
+        {"notebook": nb, "model": m, "claim": c, "holds": h, "measured": 1.0}
+        for (nb, m), claims in records.items()
+        for c, h in claims.items()
+    ]
+
+
+def test_across_models_sorts_claims_by_where_they_hold():
+    from mechlib.reports import across_models, render_across_models
+
+    rows = _rows(
+        {
+            ("01_a", "model-x"): {"both": True, "x only": True, "neither": False, "x alone ran it": True},
+            ("01_a", "model-y"): {"both": True, "x only": False, "neither": False},
+            ("02_b", "model-x"): {"both": True},
+            ("02_b", "model-y"): {"both": True},
+        }
+    )
+    first, second = across_models(rows)
+    assert first["notebook"] == "01_a" and first["models"] == ["model-x", "model-y"] and first["claims"] == 4
+    assert first["everywhere"] == ["both"]
+    assert first["some"] == [("x only", ["model-x"], ["model-y"])]
+    assert first["nowhere"] == ["neither"]
+    assert first["missing"] == [("x alone ran it", ["model-y"])]  # holds where it ran, but not "everywhere"
+    assert second["everywhere"] == ["both"] and not second["some"] + second["nowhere"] + second["missing"]
+
+    text = render_across_models(rows)
+    line = next(line for line in text.splitlines() if "01_a" in line)
+    assert "1 of 4 claims hold on every model" in line
+    assert "Holds on model-x but not on model-y: “x only”" in line
+    assert "Holds on no model: “neither”" in line and "No record on model-y: “x alone ran it”" in line
+    assert "02_b**: 1 of 1 claims hold on every model." in text
+
+
+def test_a_claim_not_applicable_on_a_model_is_named_as_such():
+    from mechlib.reports import render_across_models
+
+    rows = _rows({("06_c", "chat"): {"self-explanation": True}, ("06_c", "base"): {"self-explanation": False}})
+    rows[1]["details"] = {"applicable": False}
+    text = render_across_models(rows)
+    assert "0 of 1 claims hold on every model" in text
+    assert "Not applicable on base (counted as not holding): “self-explanation”" in text
+    assert "Holds on chat but not on base" not in text
+
+
+def test_across_models_is_silent_for_one_model():
+    from mechlib.reports import render_across_models
+
+    assert render_across_models(_rows({("01_a", "model-x"): {"c": True}})) == ""
+
+
+def test_readme_says_what_holds_across_models(tmp_path):
+    from mechlib.publish import README_END, README_START, update_readme
+
+    for model, holds in (("model-x", True), ("model-y", False)):
+        record = FindingsRecord("01_a", model=model)
+        record.add("the claim", 1.0, holds=holds)
+        record.add("always", 1.0, holds=True)
+        record.save(tmp_path / "findings")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{README_START}\nold\n{README_END}\ntail\n")
+    update_readme(tmp_path, readme=readme)
+    text = readme.read_text()
+    assert "### What holds across models" in text and "\nold\n" not in text and text.endswith("tail\n")
+    assert "1 of 2 claims hold on every model" in text
+    assert "Holds on model-x but not on model-y: “the claim”" in text
+    assert "| notebook | claim | model-x | model-y |" in text

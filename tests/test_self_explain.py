@@ -153,3 +153,31 @@ def test_prompts_and_batched_generation(smollm2):
         a = smollm2(seg.tokens[None])[0, -1]
         b = smollm2.original_model(seg.tokens[None]).logits[0, -1]
     torch.testing.assert_close(a - a.mean(), b - b.mean(), atol=1e-3, rtol=1e-3)
+
+
+def test_has_chat_template_without_a_tokenizer():
+    from types import SimpleNamespace
+
+    assert not se.has_chat_template(SimpleNamespace(tokenizer=None))
+    assert not se.has_chat_template(SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None)))
+    assert se.has_chat_template(SimpleNamespace(tokenizer=SimpleNamespace(chat_template="{{ messages }}")))
+
+
+@pytest.mark.slow
+def test_a_base_model_gets_the_question_as_plain_text(smollm2):
+    """A base model (no chat template, e.g. gemma3-270m) still gets a decision to attribute; only
+    the self-explanation prompts need the template."""
+    import copy
+    from types import SimpleNamespace
+
+    tok = copy.deepcopy(smollm2.tokenizer)
+    tok.chat_template = None
+    base = SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(default_prepend_bos=False))
+    assert se.has_chat_template(smollm2) and not se.has_chat_template(base)
+    seg = se.classification_input(base, "The soup was cold.")
+    assert seg.words == ("The", "soup", "was", "cold.")
+    assert tok.decode(seg.tokens) == (
+        "Is the sentiment of this review positive or negative?\nReview: The soup was cold.\nSentiment:"
+    )
+    with pytest.raises(TypeError, match="chat template"):
+        se.chat_prompt(base, "The soup was cold.")

@@ -382,3 +382,31 @@ def test_ioi_subset_refuses_float_indices(gpt2_tok):
     with pytest.raises(TypeError, match="index"):
         ds.subset([0.5, 1.0])
     assert ds.subset([-1]).prompts == ds.prompts[-1:]
+
+
+def test_split_modules_keep_their_old_import_paths():
+    """Names moved to their one home stay importable from where they were, as the same objects."""
+    import mechlib.answers
+    import mechlib.attention
+    import mechlib.circuits
+    import mechlib.engine.architecture
+    import mechlib.engine.forward
+    import mechlib.engine.runs
+    import mechlib.facts.roles
+    import mechlib.facts.tokens
+    import mechlib.metrics
+    import mechlib.results
+    import mechlib.validate
+    from mechlib import engine, facts, logit_attribution, patching
+    from mechlib.types import Model
+
+    assert engine.Engine is mechlib.engine.forward.Engine and engine.get_engine is mechlib.engine.forward.get_engine
+    assert engine.BaseRun is mechlib.engine.runs.BaseRun and engine.EditContext is mechlib.engine.runs.EditContext
+    assert engine.UnsupportedModelError is mechlib.engine.architecture.UnsupportedModelError
+    assert facts.average_by_role is facts.role_means is mechlib.facts.roles.role_means
+    assert facts.tokenize_fact is mechlib.facts.tokens.tokenize_fact
+    assert patching.evaluate_circuit is mechlib.circuits.evaluate_circuit
+    assert patching.head_attention is mechlib.attention.head_attention
+    assert logit_attribution.to_answer_ids is mechlib.metrics.answer_ids is mechlib.answers.to_answer_ids
+    assert mechlib.results.parse_head is mechlib.validate.parse_head
+    assert Model.__name__ == "TransformerBridge"

@@ -16,7 +16,9 @@ backend        runs
 else the bridge (an nnsight ``LanguageModel`` gets the nnsight backend). Every technique takes
 ``backend=`` (a name or a :class:`Backend`) and reports the one used in ``result.meta["backend"]``.
 
-A backend offers three calls: :meth:`Backend.cache` (named base runs: logits and activations),
+A backend offers three calls: :meth:`Backend.cache` (named base runs: logits and activations; a
+base run may itself carry interventions, :class:`RunSpec`, e.g. causal tracing's corrupted run =
+the prompt plus noise on the subject's embeddings),
 :meth:`Backend.run` (many intervention lists on one base run, scored by a metric), and
 :meth:`Backend.gradients` (activations and metric gradients, for attribution patching).
 
@@ -48,7 +50,7 @@ from tqdm.auto import tqdm
 from mechlib import validate
 from mechlib.interventions import Intervention, Plan, Record, Sources, intervention_list, point_of_hook
 
-__all__ = ["Backend", "Runs", "Outcome", "get_backend", "BACKENDS", "BackendUnavailableError"]
+__all__ = ["Backend", "Runs", "RunSpec", "Outcome", "get_backend", "BACKENDS", "BackendUnavailableError"]
 
 BACKENDS = ("auto", "engine", "bridge", "nnsight")
 
@@ -61,16 +63,38 @@ class BackendUnavailableError(RuntimeError):
 
 
 @dataclass
+class RunSpec:
+    """A base run defined by its tokens and interventions applied to every run on it.
+
+    E.g. causal tracing's corrupted run: ``RunSpec(tokens, [Intervention(Site("embed",
+    positions=subject), Add(noise))])``. Lists run on such a base (``Backend.run(..., base=name)``)
+    are applied after the base's own interventions at each hook: a backend that re-runs the whole
+    model (bridge, nnsight) re-applies them; the engine resumes from the cached base run and
+    re-applies only those above its resume point.
+    """
+
+    tokens: torch.Tensor
+    interventions: Sequence[Intervention] = ()
+
+
+@dataclass
 class Runs:
     """Cached base runs: ``tokens[name]``, ``logits[name]`` ``[batch, pos, vocab]``, ``acts[name][hook]``.
 
-    ``native`` holds what the backend keeps for resuming (the engine's ``BaseRun`` per name).
+    ``native`` holds what the backend keeps for resuming (the engine's ``BaseRun`` per name);
+    ``interventions[name]`` the base run's own interventions (:class:`RunSpec`).
     """
 
     tokens: dict[str, torch.Tensor]
     logits: dict[str, torch.Tensor]
     acts: dict[str, dict[str, torch.Tensor]]
     native: dict[str, Any] = field(default_factory=dict)
+    interventions: dict[str, list[Intervention]] = field(default_factory=dict)
+
+    def row_tokens(self, base: str, n_lists: int) -> torch.Tensor:
+        """The input of a call running ``n_lists`` lists on ``base``: its prompts, once per list."""
+        tokens = self.tokens[base]
+        return tokens[torch.arange(tokens.shape[0]).repeat(n_lists)]
 
     @property
     def batch(self) -> int:
@@ -160,21 +184,35 @@ class Backend:
 
     # ---- the three calls -----------------------------------------------------------------
 
-    def cache(self, runs: dict[str, Int[torch.Tensor, "batch pos"]], hooks: Iterable[str] = ()) -> Runs:
-        """Run each named token batch once; keep its logits and the activations at ``hooks``.
+    def cache(self, runs: dict[str, Union[Int[torch.Tensor, "batch pos"], RunSpec]], hooks: Iterable[str] = ()) -> Runs:
+        """Run each named base run once; keep its logits and the activations at ``hooks``.
 
         Args:
-            runs: ``{name: tokens [batch, pos]}``, e.g. ``{"clean": ..., "corrupted": ...}``;
-                every batch of one shape (lists are laid over the base run's prompts).
+            runs: ``{name: tokens [batch, pos] | RunSpec}``, e.g. ``{"clean": ..., "corrupted": ...}``;
+                every batch of one shape (lists are laid over the base run's prompts). A
+                :class:`RunSpec` adds interventions to its run (``Patch``/``Freeze`` there may read
+                runs named earlier in ``runs``; no ``Record``).
             hooks: TransformerLens hook names the interventions will read (``Patch``/``Freeze``).
         """
         hooks = sorted(set(hooks))
         for h in hooks:
             point_of_hook(h)
-        shapes = {tuple(t.shape) for t in runs.values()}
+        specs: dict[str, RunSpec] = {}
+        for k, v in runs.items():
+            if isinstance(v, tuple) and len(v) == 2:
+                v = RunSpec(*v)
+            if not isinstance(v, RunSpec):
+                v = RunSpec(v)
+            ivs = self.check([v.interventions])[0] if v.interventions else []
+            if any(isinstance(iv.op, Record) for iv in ivs):
+                raise ValueError(f"run {k!r}: a base run's interventions cannot Record; record in a list instead")
+            specs[k] = RunSpec(validate.token_tensor(v.tokens, self.model, k), ivs)
+        shapes = {tuple(s.tokens.shape) for s in specs.values()}
         if len(shapes) != 1:
             raise ValueError(f"cached runs must share one [batch, pos] shape, got {sorted(shapes)}")
-        return self._cache({k: validate.token_tensor(v, self.model, k) for k, v in runs.items()}, hooks)
+        out = self._cache(specs, hooks)
+        out.interventions = {k: list(s.interventions) for k, s in specs.items()}
+        return out
 
     def run(
         self,
@@ -217,7 +255,7 @@ class Backend:
         values: list[Optional[torch.Tensor]] = [None] * len(lists)
         records: dict[tuple[int, str], torch.Tensor] = {}
         for group in tqdm(groups, desc=desc, disable=not progress):
-            sub = [lists[i] for i in group]
+            sub = self._on_base(runs, base, [lists[i] for i in group], T, score is not None)
             recs: dict[tuple[int, str], torch.Tensor] = {}
             logits = self._call(runs, base, sub, Plan(sub, B), sources, recs, last_only, score is not None)
             for (j, key), v in recs.items():
@@ -249,8 +287,15 @@ class Backend:
 
     # ---- backend specifics ---------------------------------------------------------------
 
-    def _cache(self, runs: dict[str, torch.Tensor], hooks: list[str]) -> Runs:
+    def _cache(self, runs: dict[str, RunSpec], hooks: list[str]) -> Runs:
         raise NotImplementedError
+
+    def _on_base(
+        self, runs: Runs, base: str, lists: list[list[Intervention]], n_pos: int, want_logits: bool = True
+    ) -> list[list[Intervention]]:
+        """The lists as run on ``base``: its own interventions first (this backend re-runs the whole model)."""
+        own = runs.interventions.get(base, [])
+        return [own + lst for lst in lists] if own else lists
 
     def _groups(self, lists: list[list[Intervention]], B: int, T: int, min_rows: int, max_rows: int) -> list[list[int]]:
         """Lists (indices) per call: consecutive chunks of at most ``max_rows`` rows."""

@@ -20,11 +20,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
 
-from mechlib.backends import Backend, Runs
+from mechlib.backends import Backend, Runs, RunSpec
 from mechlib.interventions import Plan, Sources
 
 __all__ = ["BridgeBackend"]
@@ -53,14 +54,28 @@ class BridgeBackend(Backend):
                 out.add(h)
         return sorted(out)
 
-    def _cache(self, runs: dict[str, torch.Tensor], hooks: list[str]) -> Runs:
+    def _cache(self, runs: dict[str, RunSpec], hooks: list[str]) -> Runs:
         names = set(self._hook_names(hooks))
         out = Runs({}, {}, {})
-        for name, tokens in runs.items():
-            tokens = tokens.to(self.device)
-            with torch.no_grad():
-                logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
-            acts = {k: cache[k] for k in names if k in cache.keys()}
+        for name, spec in runs.items():
+            tokens = spec.tokens.to(self.device)
+            if spec.interventions:  # edit, then save what the edited run computes
+                T = tokens.shape[1]
+                plan = Plan([list(spec.interventions)], tokens.shape[0])
+                acts: dict[str, torch.Tensor] = {}
+
+                def save(act, hook=None, acts=acts, name=""):
+                    acts[name] = act.detach()  # by the name asked for: a bridge hook may be an alias
+                    return act
+
+                fwd = self._hooks(plan, T, Sources(out.acts), {})
+                fwd += [(n, functools.partial(save, name=n)) for n in sorted(names)]
+                with torch.no_grad():
+                    logits = self.model.run_with_hooks(tokens, fwd_hooks=fwd)
+            else:
+                with torch.no_grad():
+                    logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+                acts = {k: cache[k] for k in names if k in cache.keys()}
             missing = [k for k in names if k not in acts]
             if missing:
                 raise KeyError(f"the bridge has no hook(s) {missing}")
@@ -120,8 +135,8 @@ class BridgeBackend(Backend):
         last_only: bool,
         want_logits: bool,
     ) -> Optional[torch.Tensor]:
-        B, T = runs.batch, runs.n_pos
-        tokens = runs.tokens[base][torch.arange(B).repeat(len(lists))]
+        T = runs.n_pos
+        tokens = runs.row_tokens(base, len(lists))
         with torch.no_grad():
             logits = self.model.run_with_hooks(tokens, fwd_hooks=self._hooks(plan, T, sources, records))
         if not want_logits:

@@ -8,8 +8,16 @@ Its speed-ups are its own business, worked out from the lists:
 * **Batch.** Lists become rows of one call (list ``i``: rows ``i*B..(i+1)*B`` for ``B`` prompts).
   Lists are grouped by start position; lists of consecutive start layers merge until a call has
   ``min_rows`` rows (never more than ``max_rows``), the grouping that made patching sweeps fast.
+  Lists of different start layers in one call start each of their rows at its own layer
+  (:meth:`~mechlib.engine.Engine.resume_rows`), so no row recomputes blocks below its first
+  intervention.
 * **Last position only.** When the score reads only the last position, the top block computes
   queries and everything after them for that position alone.
+* **A residual after block L is the input of block L + 1.** A ``resid_post`` intervention at
+  ``L`` (below the top block) is applied where block ``L + 1`` starts, so its call resumes there.
+* **Base runs with interventions** (:class:`~mechlib.backends.RunSpec`, e.g. causal tracing's
+  noised embeddings) are cached once; a list resuming above them re-applies only those of the
+  base's interventions that lie in the blocks and positions it recomputes.
 
 ``embed`` sites are applied at ``blocks.0.hook_resid_pre`` (the residual minus the positional
 embedding is the token embedding), since a resumed call starts there.
@@ -25,9 +33,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mechlib.backends import Backend, Runs, record_layers
+from mechlib.backends import Backend, Runs, RunSpec
 from mechlib.engine import EditContext, Engine
-from mechlib.interventions import Intervention, Plan, Sources
+from mechlib.interventions import Intervention, Plan, Record, Site, Sources
 
 __all__ = ["EngineBackend"]
 
@@ -42,23 +50,71 @@ class EngineBackend(Backend):
         super().__init__(model)
         self.engine = engine
 
-    def _cache(self, runs: dict[str, torch.Tensor], hooks: list[str]) -> Runs:
+    def _cache(self, runs: dict[str, RunSpec], hooks: list[str]) -> Runs:
         L = self.n_layers
         keep = set(hooks) | {f"blocks.{l}.hook_resid_pre" for l in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
         keep.add("hook_embed")
         out = Runs({}, {}, {})
-        for name, tokens in runs.items():
-            run = self.engine.run(tokens.to(self.engine.device), keep=keep)
+        for name, spec in runs.items():
+            tokens = spec.tokens.to(self.engine.device)
+            edits = None
+            if spec.interventions:  # a full run from the embeddings: every hook fires where it is
+                plan = Plan([list(spec.interventions)], tokens.shape[0])
+                src = Sources(out.acts)
+                edits = {h: self._edit(plan, h, tokens.shape[1], src, {}) for h in plan.hooks}
+            run = self.engine.run(tokens, edits=edits, keep=keep)
             out.tokens[name] = run.tokens
             out.logits[name] = run.logits
             out.acts[name] = run.acts
             out.native[name] = run
         return out
 
+    def _block(self, iv: Intervention) -> int:
+        """The block a call must start at to apply ``iv`` (``resid_post`` at L: block L + 1's input)."""
+        s = iv.site
+        if s.point == "resid_post" and s.layer < self.n_layers - 1:
+            return s.layer + 1
+        return s.block
+
     def _start(self, lst: Sequence[Intervention], T: int) -> tuple[int, int]:
         if not lst:
             return self.n_layers, T - 1
-        return min(iv.site.block for iv in lst), min(iv.site.first_position(T) for iv in lst)
+        return min(self._block(iv) for iv in lst), min(iv.site.first_position(T) for iv in lst)
+
+    def _on_base(self, runs: Runs, base: str, lists, n_pos: int, want_logits: bool = True):
+        """Each list preceded by the base run's interventions its call recomputes.
+
+        A call resuming at block ``L``, position ``p`` reads the cached base run's input of block
+        ``L`` (after the base's interventions there: ``embed``, ``resid_pre`` of ``L``,
+        ``resid_post`` of ``L - 1``) and its keys and values before ``p``; the base's other
+        interventions at or above ``L`` are re-applied at positions ``>= p``. Rows start at their
+        list's own block when logits are wanted (:meth:`Engine.resume_rows`), else at the call's.
+        """
+        own = runs.interventions.get(base, [])
+        if not own:
+            return lists
+        starts = [self._start(lst, n_pos) for lst in lists]
+        if not want_logits:  # one resume for the whole call (Record only)
+            starts = [(min(s[0] for s in starts), min(s[1] for s in starts))] * len(lists)
+        memo: dict[tuple[int, int], Optional[Intervention]] = {}
+        out = []
+        for lst, (layer, pos) in zip(lists, starts):
+            pre = []
+            for k, iv in enumerate(own):
+                b = self._block(iv)
+                if b < layer or (b == layer and self._is_input(iv)):
+                    continue  # in the cached state the call resumes from
+                if (k, pos) not in memo:
+                    memo[(k, pos)] = _from_position(iv, pos, n_pos)
+                if memo[(k, pos)] is not None:
+                    pre.append(memo[(k, pos)])
+            out.append(pre + list(lst))
+        return out
+
+    def _is_input(self, iv: Intervention) -> bool:
+        """Whether ``iv`` acts on the input of block :meth:`_block` (the state a resumed call reads)."""
+        p = iv.site.point
+        return p in ("embed", "resid_pre") or (p == "resid_post" and iv.site.layer < self.n_layers - 1)
 
     def _groups(self, lists, B, T, min_rows, max_rows):
         """Same start position; consecutive start layers merge until a call has ``min_rows`` rows."""
@@ -100,22 +156,32 @@ class EngineBackend(Backend):
         start_pos = min(s[1] for s in starts)
         stop = None
         if not want_logits:
-            rl = record_layers(lists)
+            rl = [self._block(iv) for lst in lists for iv in lst if isinstance(iv.op, Record)]
             stop = max(rl) + 1 if rl else start_layer
             if stop <= start_layer:
                 return None
-        edits = {}
-        for hook in plan.hooks:
-            if hook == "hook_embed":
-                continue
-            edits[hook] = self._edit(plan, hook, T, sources, records)
-        if "hook_embed" in plan.hooks:
-            edits["blocks.0.hook_resid_pre"] = self._embed_edit(
-                plan, edits.get("blocks.0.hook_resid_pre"), T, sources, records
-            )
+        edits = self._edits(plan, T, sources, records)
         base_index = torch.arange(B).repeat(len(lists))
+        native = runs.native[base]
+        if want_logits and len({s[0] for s in starts}) > 1:  # every row starts at its own layer
+            row_start = torch.tensor([s[0] for s in starts]).repeat_interleave(B)
+            top = f"blocks.{self.n_layers - 1}.hook_resid_post"
+            like = native[top]
+            resid = torch.empty(row_start.shape[0], T - start_pos, like.shape[-1], dtype=like.dtype, device=like.device)
+            for layer in row_start.unique().tolist():
+                name = f"blocks.{layer}.hook_resid_pre" if layer < self.n_layers else top
+                rows = (row_start == layer).nonzero()[:, 0]
+                resid[rows.to(resid.device)] = native[name][base_index[rows].to(like.device), start_pos:]
+            out = eng.resume_rows(
+                native, row_start, start_pos, resid=resid, edits=edits, base_index=base_index, last_only=last_only
+            )
+            if last_only:
+                return out[:, None]
+            if start_pos == 0:
+                return out
+            return torch.cat([native.logits[base_index.to(out.device), :start_pos], out], dim=1)
         out = eng.resume(
-            runs.native[base],
+            native,
             start_layer,
             start_pos,
             edits=edits,
@@ -127,22 +193,45 @@ class EngineBackend(Backend):
             return None
         return out[:, None] if last_only else out
 
+    def _edits(self, plan: Plan, T: int, sources: Sources, records: dict) -> dict:
+        """The engine's edit functions for a plan: ``resid_post`` at L < top fires as block L + 1's
+        input (before that block's own ``resid_pre`` interventions), ``embed`` at block 0's input
+        (the residual minus the positional embedding)."""
+        top = self.n_layers - 1
+        chains: dict[str, list[str]] = {}
+        for hook in plan.hooks:
+            layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else None
+            if hook == "hook_embed":
+                target = "blocks.0.hook_resid_pre"
+            elif hook.endswith(".hook_resid_post") and layer is not None and layer < top:
+                target = f"blocks.{layer + 1}.hook_resid_pre"
+            else:
+                target = hook
+            chain = chains.setdefault(target, [])
+            if hook == target:
+                chain.append(hook)
+            else:  # fires before the target's own interventions
+                chain.insert(0, hook)
+        W_pos = self.engine.W_pos
+
+        def make(hooks: list[str]):
+            def edit(act: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+                for hook in hooks:
+                    if hook == "hook_embed" and W_pos is not None:
+                        pos = W_pos[ctx.start_pos : T]
+                        act = plan.apply(hook, act - pos, ctx.start_pos, T, sources, records, rows=ctx.rows) + pos
+                    else:
+                        act = plan.apply(hook, act, ctx.start_pos, T, sources, records, rows=ctx.rows)
+                return act
+
+            return edit
+
+        return {target: make(hooks) for target, hooks in chains.items()}
+
     @staticmethod
     def _edit(plan: Plan, hook: str, T: int, sources: Sources, records: dict):
         def edit(act: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-            return plan.apply(hook, act, ctx.start_pos, T, sources, records)
-
-        return edit
-
-    def _embed_edit(self, plan: Plan, then, T: int, sources: Sources, records: dict):
-        W_pos = self.engine.W_pos
-
-        def edit(act: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-            pos = W_pos[ctx.start_pos : T] if W_pos is not None else None
-            emb = act - pos if pos is not None else act
-            emb = plan.apply("hook_embed", emb, ctx.start_pos, T, sources, records)
-            act = emb + pos if pos is not None else emb
-            return then(act, ctx) if then is not None else act
+            return plan.apply(hook, act, ctx.start_pos, T, sources, records, rows=ctx.rows)
 
         return edit
 
@@ -161,3 +250,19 @@ class EngineBackend(Backend):
             scalar(run.logits).backward()
         grads = {h: (leaves[h].grad if leaves[h].grad is not None else torch.zeros_like(leaves[h])) for h in hooks}
         return run.logits.detach(), acts, grads
+
+
+def _from_position(iv: Intervention, pos: int, n_pos: int) -> Optional[Intervention]:
+    """``iv`` restricted to positions ``>= pos`` (``None`` if none is left)."""
+    site = iv.site
+    if pos == 0:
+        return iv
+    if site.positions is None:
+        kept = tuple(range(pos, n_pos))
+    else:
+        kept = tuple(p for p in site.positions if (p + n_pos if p < 0 else p) >= pos)
+        if len(kept) == len(site.positions):
+            return iv
+    if not kept:
+        return None
+    return Intervention(Site(site.point, site.layer, site.head, kept, site.rows), iv.op)

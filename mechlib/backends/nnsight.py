@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from mechlib.backends import Backend, BackendUnavailableError, Runs
+from mechlib.backends import Backend, BackendUnavailableError, Runs, RunSpec
 from mechlib.interventions import POINTS, Intervention, Plan, Record, Site, Sources, point_of_hook
 
 __all__ = ["NNsightBackend", "NNsightModel", "is_nnsight_model", "language_model"]
@@ -198,7 +198,7 @@ class NNsightBackend(Backend):
 
     # ---- running -------------------------------------------------------------------------
 
-    def _cache(self, runs: dict[str, torch.Tensor], hooks: list[str]) -> Runs:
+    def _cache(self, runs: dict[str, RunSpec], hooks: list[str]) -> Runs:
         for h in hooks:
             point = point_of_hook(h)[0]
             if point.name in self.unsupported_points:
@@ -210,11 +210,12 @@ class NNsightBackend(Backend):
             point, layer = point_of_hook(h)
             sites.append(Intervention(Site(point.name, layer), Record(h)))
         out = Runs({}, {}, {})
-        for name, tokens in runs.items():
+        for name, spec in runs.items():
+            tokens = spec.tokens
             B, T = tokens.shape
             recs: dict = {}
-            plan = Plan([sites], B)
-            logits = self._trace(tokens, plan, T, Sources({}), recs, last_only=False)
+            plan = Plan([list(spec.interventions) + sites], B)  # edits first: records read the edited run
+            logits = self._trace(tokens, plan, T, Sources(out.acts), recs, last_only=False)
             out.tokens[name], out.logits[name] = tokens, logits
             out.acts[name] = {h: recs[(0, h)] for h in hooks}
         return out
@@ -230,9 +231,8 @@ class NNsightBackend(Backend):
         last_only: bool,
         want_logits: bool,
     ) -> Optional[torch.Tensor]:
-        B, T = runs.batch, runs.n_pos
-        tokens = runs.tokens[base][torch.arange(B).repeat(len(lists))]
-        return self._trace(tokens, plan, T, sources, records, last_only)
+        tokens = runs.row_tokens(base, len(lists))
+        return self._trace(tokens, plan, runs.n_pos, sources, records, last_only)
 
     def _trace(
         self, tokens: torch.Tensor, plan: Plan, T: int, sources: Sources, records: dict, last_only: bool

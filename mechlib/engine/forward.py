@@ -1,127 +1,25 @@
-"""A lean, exact mirror of a TransformerBridge's forward pass, built for sweeps.
+"""The engine's forward pass: the :class:`Engine` class and its per-model cache, :func:`get_engine`.
 
-Patching and causal tracing run thousands of forward passes that differ from one base run in a
-single place. Three things make them cheap, and the bridge's own forward can use none of them:
-
-* **Batching many interventions into one call.** The bridge pays ~100 ms of Python overhead per
-  call whatever its size; this mirror pays about a millisecond per layer.
-* **Reusing the base run below the intervened layer.** An intervention at layer ``L`` leaves
-  layers ``< L`` as they were, so the run resumes at ``L`` from the cached residual stream.
-* **Reusing positions before the intervened one.** Attention is causal: an intervention at
-  position ``p`` leaves every position ``< p`` untouched at every layer. The run resumes on the
-  suffix ``p:`` only, attending to the cached keys and values of the prefix.
-
-The mirror computes with the bridge's own processed weights (``W_Q``, ``W_K``, ... after
-``enable_compatibility_mode()``), fires interventions at the bridge's hook names
-(``blocks.{l}.attn.hook_z``, ``blocks.{l}.hook_resid_pre``, ...) with the same shapes, and matches
-the bridge's activations and logits to float32 rounding (``tests/test_engine.py`` checks every
-hook on four architectures). Supported: LayerNorm or RMSNorm (folded), learned or rotary
-positions, grouped-query attention, gated or plain MLPs, attention-only models, and Gemma 3's
-additions (scaled embeddings, query/key RMSNorms, post-attention and post-MLP RMSNorms,
-sliding-window and global layers with their own rotary bases). Anything else raises
-:class:`UnsupportedModelError`, and callers fall back to the bridge's hooks.
-
-Example:
-    >>> from mechlib.models import load_model
-    >>> model = load_model("tiny-llama-2l")
-    >>> engine = Engine(model)
-    >>> tokens = torch.randint(0, 256, (2, 6))
-    >>> base = engine.run(tokens)                    # logits + every activation
-    >>> zero_z = lambda z, ctx: z * 0
-    >>> patched = engine.resume(base, start_layer=1, start_pos=3,
-    ...                         edits={"blocks.1.attn.hook_z": zero_z})
-    >>> patched.shape                                # [batch, pos, vocab]: prefix from the base
-    torch.Size([2, 6, 256])
+The package docstring (:mod:`mechlib.engine`) says what the engine is for. This module holds the
+forward math only: the weights in fused layouts, the blocks, the unembedding, and the run /
+resume / resume_rows entry points. What each architecture adds lives in
+:mod:`mechlib.engine.architecture`; the records of a run in :mod:`mechlib.engine.runs`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-__all__ = ["BaseRun", "EditContext", "Engine", "UnsupportedModelError", "get_engine", "HOOKS_PER_LAYER"]
+from mechlib.engine.architecture import UnsupportedModelError, act_fn, check_supported, gemma_extras, make_rope
+from mechlib.engine.runs import HOOKS_PER_LAYER, BaseRun, EditContext, EditFn
+from mechlib.types import Model
 
-# Hook names (suffixes after ``blocks.{l}.``) the mirror fires, in forward order.
-HOOKS_PER_LAYER = (
-    "hook_resid_pre",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_v",
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "mlp.hook_pre",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-
-
-class UnsupportedModelError(NotImplementedError):
-    """The engine cannot mirror this model's architecture exactly."""
-
-
-@dataclass
-class EditContext:
-    """What an edit function is told about the activation it receives.
-
-    Attributes:
-        hook: The hook name, e.g. ``"blocks.5.attn.hook_z"``.
-        layer: The layer of the hook (``-1`` for ``hook_embed``).
-        start_pos: Absolute position of the first row of the activation's position axis (the
-            run covers positions ``start_pos .. n_pos-1``; for ``hook_pattern`` this is the
-            query axis, while the key axis always starts at 0).
-        base_index: ``[batch]`` which base-run prompt each row of the batch continues.
-        rows: ``[batch]`` which rows of the call the activation's rows are, when only some rows
-            are computed at this layer (:meth:`Engine.resume_rows`, where rows start at
-            different layers); ``None`` when the activation holds every row in order.
-    """
-
-    hook: str
-    layer: int
-    start_pos: int
-    base_index: torch.Tensor
-    rows: Optional[torch.Tensor] = None
-
-
-EditFn = Callable[[torch.Tensor, EditContext], Optional[torch.Tensor]]
-
-
-@dataclass
-class BaseRun:
-    """A cached run: its tokens, logits, and every activation the mirror can fire.
-
-    ``acts[name]`` has the bridge's shape for that hook over the whole sequence;
-    ``keys[l]``/``values[l]`` are the rotated keys and values ``[batch, kv_head, pos, d_head]``
-    later runs attend to when they resume on a suffix.
-    """
-
-    tokens: Optional[torch.Tensor]
-    logits: torch.Tensor
-    acts: dict[str, torch.Tensor] = field(default_factory=dict)
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def n_batch(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def n_pos(self) -> int:
-        return self.logits.shape[1]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.acts:
-            raise KeyError(f"{name!r} was not cached; cached hooks include {sorted(self.acts)[:6]} ...")
-        return self.acts[name]
+__all__ = ["Engine", "get_engine"]
 
 
 def _affine(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -142,24 +40,6 @@ _AFTER_QUERY = (
 )
 
 
-def _act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    name = (name or "").lower()
-    if name in ("silu", "swish"):
-        return F.silu
-    if name == "gelu":
-        return F.gelu
-    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    raise UnsupportedModelError(f"activation {name!r} is not mirrored")
-
-
-def _rotate_half_split(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Engine:
     """Mirror of a ``TransformerBridge`` for batched, prefix-reusing interventions.
 
@@ -171,7 +51,7 @@ class Engine:
             reproduce (soft caps, embedding scaling, parallel attention, ...).
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: Model) -> None:
         cfg = model.cfg
         self._model_ref = weakref.ref(model)
         self.cfg = cfg
@@ -180,7 +60,7 @@ class Engine:
         self.n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         self.d_head = cfg.d_head
         self.d_model = cfg.d_model
-        self._check_supported(model)
+        check_supported(model)
         self.dtype = model.W_E.dtype
         self.device = model.W_E.device
         self.eps = float(cfg.eps)
@@ -188,11 +68,12 @@ class Engine:
         self.final_rms = bool(getattr(cfg, "final_rms", False)) or self.rms
         self.attn_only = bool(cfg.attn_only)
         self.gated = bool(getattr(cfg, "gated_mlp", False))
-        self.act = None if self.attn_only else _act_fn(cfg.act_fn)
+        self.act = None if self.attn_only else act_fn(cfg.act_fn)
         self.scale = 1.0 / math.sqrt(self.d_head) if cfg.use_attn_scale else 1.0
         if cfg.use_attn_scale and getattr(cfg, "attn_scale", -1.0) not in (-1.0, None):
             self.scale = 1.0 / float(cfg.attn_scale)
-        self._setup_gemma(model)
+        # Gemma 3's extras (embed_scale, qk_norm, q_norm_w, ..., layer_scale) become attributes.
+        self.__dict__.update(vars(gemma_extras(model, scale=self.scale, dtype=self.dtype)))
 
         with torch.no_grad():
             self.W_E = model.W_E.detach()
@@ -243,7 +124,10 @@ class Engine:
             self.b_o = [nz(b) for b in self.b_o]
             self.b_mlp_in = [nz(b) for b in self.b_mlp_in]
             self.b_mlp_out = [nz(b) for b in self.b_mlp_out]
-        self._rope = self._make_rope(model)
+        #: ``rope(q, k, positions, layer=0)`` or ``None`` (:func:`mechlib.engine.architecture.make_rope`).
+        self.rope = make_rope(
+            model, d_head=self.d_head, dtype=self.dtype, device=self.device, layer_types=self.layer_types
+        )
 
     @property
     def extras(self) -> tuple[str, ...]:
@@ -279,170 +163,6 @@ class Engine:
         if t is None:
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
         return t.detach()
-
-    def _setup_gemma(self, model) -> None:
-        """Gemma 3's additions to a Llama-style block, read from the bridge's modules.
-
-        Sets ``embed_scale`` (the embedding's ``sqrt(d_model)`` factor, or ``None``),
-        ``q_norm_w``/``k_norm_w`` and ``post_attn_w``/``post_mlp_w`` (per-layer RMSNorm weights
-        as the bridge applies them: ``1 + w`` for offset norms; empty lists when absent),
-        ``layer_scale`` (per-layer attention scale), ``layer_window`` (per-layer sliding window or
-        ``None``) and ``layer_types`` (per-layer rotary variant, or ``None``).
-        """
-        cfg = self.cfg
-        offset = bool(getattr(cfg, "rmsnorm_uses_offset", False))
-        hf_config = getattr(getattr(model, "original_model", None), "config", None)
-
-        def norm_weight(bridge) -> torch.Tensor:
-            w = bridge.original_component.weight.detach()
-            return 1.0 + w if offset else w
-
-        self.embed_scale = None
-        embed = getattr(getattr(model, "embed", None), "original_component", None)
-        if getattr(embed, "embed_scale", None) is not None:
-            self.embed_scale = embed.embed_scale.to(self.dtype if hasattr(self, "dtype") else model.W_E.dtype)
-        blocks = list(model.blocks)
-        attn0 = blocks[0].attn
-        self.qk_norm = hasattr(attn0, "q_norm")
-        self.q_norm_w = [norm_weight(b.attn.q_norm) for b in blocks] if self.qk_norm else []
-        self.k_norm_w = [norm_weight(b.attn.k_norm) for b in blocks] if self.qk_norm else []
-        self.post_norms = hasattr(blocks[0], "ln1_post")
-        self.post_attn_w = [norm_weight(b.ln1_post) for b in blocks] if self.post_norms else []
-        self.post_mlp_w = [norm_weight(b.ln2_post) for b in blocks] if self.post_norms and not self.attn_only else []
-        layer_types = getattr(hf_config, "layer_types", None)
-        self.layer_types = list(layer_types) if layer_types else None
-        window = getattr(hf_config, "sliding_window", None)
-        self.layer_window = [
-            window if self.layer_types and self.layer_types[l] == "sliding_attention" else None
-            for l in range(self.n_layers)
-        ]
-        self.layer_scale = [self.scale] * self.n_layers
-        if self.qk_norm or self.post_norms or self.embed_scale is not None:  # Gemma: HF's own scale
-            hf_scales = [getattr(getattr(b.attn, "original_component", None), "scaling", None) for b in blocks]
-            self.layer_scale = [self.scale if sc is None else float(sc) for sc in hf_scales]
-
-    @staticmethod
-    def _check_supported(model) -> None:
-        cfg = model.cfg
-        if not getattr(model, "compatibility_mode", False):
-            raise UnsupportedModelError(
-                "the engine mirrors compatibility-mode numerics; load the model with "
-                "mechlib.load_model (or call model.enable_compatibility_mode())"
-            )
-        problems = []
-        if getattr(cfg, "output_logits_soft_cap", -1.0) not in (-1.0, 0.0, None):
-            problems.append("output logit soft cap")
-        if getattr(cfg, "attn_scores_soft_cap", -1.0) not in (-1.0, 0.0, None):
-            problems.append("attention score soft cap")
-        if getattr(cfg, "parallel_attn_mlp", False):
-            problems.append("parallel attention and MLP")
-        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
-            problems.append("attention scaled by inverse layer index")
-        if getattr(cfg, "use_local_attn", False) or getattr(cfg, "window_size", None):
-            problems.append("local attention")
-        if getattr(cfg, "use_normalization_before_and_after", False) or getattr(cfg, "post_embedding_ln", False):
-            problems.append("extra normalisation layers")
-        if getattr(cfg, "scale_embedding", None):
-            problems.append("scaled embeddings")
-        if getattr(cfg, "attention_dir", "causal") != "causal":
-            problems.append("bidirectional attention")
-        if cfg.positional_embedding_type not in ("standard", "rotary"):
-            problems.append(f"positional embedding {cfg.positional_embedding_type!r}")
-        if getattr(cfg, "num_experts", None):
-            problems.append("mixture of experts")
-        problems += Engine._unmirrored_parts(model)
-        if problems:
-            raise UnsupportedModelError(
-                f"{cfg.model_name}: the engine does not mirror {', '.join(problems)}; "
-                "use the bridge's hooks (mechlib falls back to them automatically)"
-            )
-
-    @staticmethod
-    def _unmirrored_parts(model) -> list[str]:
-        """Parts of the bridge's modules the mirror does not reproduce (Gemma-era additions)."""
-        problems = []
-        blocks = list(model.blocks)
-        block0, attn0 = blocks[0], blocks[0].attn
-        hf_attn = getattr(attn0, "original_component", None)
-        hf_config = getattr(getattr(model, "original_model", None), "config", None)
-        if getattr(model.cfg, "use_qk_norm", False) and not hasattr(attn0, "q_norm"):
-            problems.append("query/key normalisation")
-        if hasattr(attn0, "q_norm") != hasattr(attn0, "k_norm"):
-            problems.append("a query norm without a key norm")
-        if hasattr(attn0, "q_norm"):
-            w = attn0.q_norm.original_component.weight
-            if (
-                w.ndim != 1
-                or getattr(attn0, "_qk_norm_phase", "post_reshape") != "post_reshape"
-                or getattr(model.cfg, "qk_norm_after_rope", False)
-            ):
-                problems.append("query/key norms other than per-head RMSNorm before rotary")
-        if hasattr(block0, "ln1_post") != hasattr(block0, "ln2_post") and not model.cfg.attn_only:
-            problems.append("a post-attention norm without a post-MLP norm")
-        for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if getattr(hf_config, attr, None) not in (None, 0, 0.0):
-                problems.append(attr.replace("_", " "))
-        if hf_attn is not None and getattr(hf_attn, "sinks", None) is not None:
-            problems.append("attention sinks")
-        if getattr(hf_config, "use_bidirectional_attention", False):
-            problems.append("bidirectional attention")
-        if getattr(hf_config, "sliding_window", None) and not getattr(hf_config, "layer_types", None):
-            problems.append("sliding windows without per-layer types")
-        types = set(getattr(hf_config, "layer_types", None) or ())
-        if types - {"sliding_attention", "full_attention"}:
-            problems.append(f"layer types {sorted(types)}")
-        if getattr(model.cfg, "rmsnorm_uses_offset", False):
-            # The pre-norms are folded into the next weights in compatibility mode: (1 + w) == 1.
-            norms = [b.ln1 for b in blocks] + ([b.ln2 for b in blocks] if not model.cfg.attn_only else [])
-            norms.append(model.ln_final)
-            if any(bool(n.original_component.weight.detach().any()) for n in norms):
-                problems.append("unfolded offset RMSNorm weights")
-        return problems
-
-    def _make_rope(self, model):
-        if self.cfg.positional_embedding_type != "rotary":
-            return None
-        orig = model.original_model
-        native = getattr(orig, "rotary", None)
-        if native is not None and hasattr(native, "apply_rope"):
-
-            def rope_native(q, k, positions, layer=0):
-                return native.apply_rope(q, k, position_ids=positions[None])
-
-            return rope_native
-        rot = None
-        for name, mod in orig.named_modules():
-            if name.endswith("rotary_emb"):
-                rot = mod
-                break
-        if rot is None:
-            raise UnsupportedModelError("rotary model without a recognised rotary embedding module")
-        rot = getattr(rot, "_original_component", rot)
-        cache: dict[tuple[int, Optional[str]], tuple[torch.Tensor, torch.Tensor]] = {}
-        per_type = self.layer_types is not None and "layer_type" in inspect.signature(rot.forward).parameters
-
-        def rope_hf(q, k, positions, layer=0):
-            n = int(positions[-1]) + 1
-            kind = self.layer_types[layer] if per_type else None  # Gemma 3: a rotary base per layer type
-            if (n, kind) not in cache:
-                dummy = torch.zeros(1, n, self.d_head, dtype=self.dtype, device=self.device)
-                args = (dummy, torch.arange(n, device=self.device)[None]) + ((kind,) if per_type else ())
-                cos, sin = rot(*args)
-                if not any(key[0] == n for key in cache):
-                    cache.clear()
-                cache[(n, kind)] = (cos[0].to(self.dtype), sin[0].to(self.dtype))
-            cos, sin = cache[(n, kind)]
-            cos, sin = cos[positions], sin[positions]  # [S, rd]
-            rd = cos.shape[-1]
-
-            def apply(x):
-                xr, xp = x[..., :rd], x[..., rd:]
-                xr = xr * cos + _rotate_half_split(xr) * sin
-                return torch.cat([xr, xp], dim=-1) if xp.shape[-1] else xr
-
-            return apply(q), apply(k)
-
-        return rope_hf
 
     # ---- core --------------------------------------------------------------------------
 
@@ -573,8 +293,8 @@ class Engine:
             if self.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before rotary
                 q = (self._norm(q, True).float() * self.q_norm_w[l]).to(q.dtype)
                 k = (self._norm(k, True).float() * self.k_norm_w[l]).to(k.dtype)
-            if self._rope is not None:
-                q, k = self._rope(q, k, positions, l)
+            if self.rope is not None:
+                q, k = self.rope(q, k, positions, l)
             if start_pos > 0:
                 pk, pv = prefix_keys[l], prefix_values[l]
                 if gather:
@@ -868,12 +588,12 @@ class Engine:
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _weights_version(model) -> tuple[int, ...]:
+def _weights_version(model: Model) -> tuple[int, ...]:
     # In-place updates (training, load_state_dict) bump a parameter's version counter.
     return tuple(p._version for p in model.parameters())
 
 
-def get_engine(model) -> Optional[Engine]:
+def get_engine(model: Model) -> Optional[Engine]:
     """The model's engine, or ``None`` if its architecture cannot be mirrored.
 
     Built once per model and rebuilt when the model's weights change (training steps,
