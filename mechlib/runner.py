@@ -261,11 +261,22 @@ def execute_notebook(
     try:
         client.execute(env=env)
     except Exception as e:  # the executed copy keeps the traceback; the caller decides
-        run.error = f"{type(e).__name__}: {str(e)[-2000:]}"
+        run.error = error_summary(e)
     finally:
         run.seconds = time.perf_counter() - t0
         nbformat.write(nb, run.executed)
     return run
+
+
+def error_summary(e: BaseException, limit: int = 3000) -> str:
+    """What failed, in one string: a failing cell's own exception (name and message, from its
+    head: ``record.conclude()`` names the claims that do not hold first) rather than the tail of
+    nbclient's report, which may cut that first line off."""
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    text = f"{ename}: {evalue}" if ename is not None and evalue is not None else str(e)
+    if len(text) > limit:
+        text = f"{text[: limit - 500]} [...] {text[-400:]}"
+    return f"{type(e).__name__}: {text}"
 
 
 def run_notebooks(

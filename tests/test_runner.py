@@ -218,3 +218,18 @@ def test_readme_section_is_rendered_between_the_markers(tmp_path):
     readme.write_text("no markers here\n")
     with pytest.raises(ValueError, match="findings:start"):
         update_readme(reports, readme=readme)
+
+
+def test_error_summary_keeps_the_failing_cells_first_line():
+    """nbclient's report ends with the traceback; a long ``record.conclude()`` message must still
+    show its head ("... do not hold:"), which the notebook tests look for."""
+    from nbclient.exceptions import CellExecutionError
+
+    from mechlib.runner import error_summary
+
+    evalue = "02_x on m: 6 finding(s) do not hold:\n" + "\n".join(f"- claim {i}: " + "x" * 900 for i in range(6))
+    e = CellExecutionError("traceback " * 500, "AssertionError", evalue)
+    summary = error_summary(e)
+    assert summary.startswith("CellExecutionError: AssertionError: 02_x on m: 6 finding(s) do not hold:")
+    assert len(summary) < 3100 and summary.endswith("x" * 100)
+    assert error_summary(ValueError("plain")) == "ValueError: plain"
