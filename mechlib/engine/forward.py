@@ -28,16 +28,7 @@ def _affine(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
 
 # Hooks of the top block that fire after its queries: when only the last position's logits are
 # wanted and none of these is edited, the top block computes them for the last position only.
-_AFTER_QUERY = (
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "mlp.hook_pre",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
+_AFTER_QUERY = HOOKS_PER_LAYER[HOOKS_PER_LAYER.index("attn.hook_pattern") :]
 
 
 class Engine:
