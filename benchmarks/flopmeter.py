@@ -16,7 +16,8 @@ last 2% of FLOPs are charged at the measured shapes' average rate). Everything t
 (softmax, norms, indexing, Python) counts as time, not FLOPs: that is the point.
 
 Run alone (``python benchmarks/flopmeter.py``), it prints the machine's float32 GEMM rate at a few
-square sizes and the torch thread count.
+square sizes, the torch thread count and CPU capability, and bfloat16 against float32 on shapes of
+SmolLM2's and Gemma 3's forward (a bfloat16 path pays only on CPUs with AMX or AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -121,7 +122,16 @@ class FlopMeter:
 
 
 if __name__ == "__main__":
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    caps = [line.strip() for line in torch.__config__.show().splitlines() if "CPU capability" in line]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {'; '.join(caps)}")
     for size in (256, 576, 1024, 2048):
         s = gemm_seconds(1, size, size, size)
         print(f"float32 GEMM {size}x{size}x{size}: {2 * size**3 / s / 1e9:.1f} GFLOP/s")
+    # bfloat16 against float32 on shapes of SmolLM2's and Gemma 3's forward (rows x d_model x out):
+    # whether a bfloat16 path would pay depends on the CPU (AMX, AVX512-BF16, or neither)
+    for m, k, n in ((2048, 576, 1536), (512, 576, 49152), (2048, 640, 2048)):
+        f32, bf16 = gemm_seconds(1, m, k, n), gemm_seconds(1, m, k, n, torch.bfloat16)
+        print(
+            f"{m}x{k}x{n}: float32 {2 * m * k * n / f32 / 1e9:.1f} GFLOP/s, bfloat16 "
+            f"{2 * m * k * n / bf16 / 1e9:.1f} GFLOP/s ({f32 / bf16:.1f}x)"
+        )

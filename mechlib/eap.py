@@ -2,7 +2,11 @@
 
 The residual stream is a sum: every node's input is the sum of the outputs of the nodes above it
 (the embeddings, each head's ``z @ W_O``, each MLP's output) plus constant biases, read through
-the node's own normalisation (folded in compatibility mode). An *edge* ``sender -> receiver`` is
+the node's own normalisation (folded in compatibility mode). On Gemma 3, whose sublayer outputs
+pass through an RMSNorm before they join the residual, an MLP's output is taken after its norm and
+a head's output is its share of the normalised layer output (its ``z @ W_O`` times the norm's
+elementwise factor in the same run); the embedding scale, query/key norms and sliding windows are
+part of the receivers' forward. An *edge* ``sender -> receiver`` is
 one term of one receiver's sum (see :mod:`mechlib.graph`). This module runs the model with every
 receiver reading its own input, on the engine's processed weights (:mod:`mechlib.engine`), so that
 
@@ -75,6 +79,9 @@ class _Outputs:
     mid: list[torch.Tensor]  # per layer resid_mid [N, T, d]
     final: torch.Tensor  # [N, T, d]
     logits: torch.Tensor  # [N, T or 1, vocab]
+    #: per layer each head's contribution [N, T, H, d], kept where a post-attention norm makes it
+    #: more than ``z @ W_O`` (Gemma 3); ``None`` elsewhere
+    ho: Optional[list[torch.Tensor]] = None
 
     def mean(self) -> "_Outputs":
         f = lambda t: t.mean(0, keepdim=True)  # noqa: E731
@@ -86,6 +93,7 @@ class _Outputs:
             [f(t) for t in self.mid],
             f(self.final),
             f(self.logits),
+            None if self.ho is None else [f(t) for t in self.ho],
         )
 
 
@@ -106,11 +114,10 @@ class GraphModel:
                 "attribution is unavailable for it"
             )
         cfg = model.cfg
-        extras = tuple(getattr(eng, "extras", ()) or ())
-        if extras:
+        if eng.post_norms and any(b is not None for b in eng.b_o):
             raise ValueError(
-                f"{cfg.model_name}: edge attribution rebuilds each receiver's input from a plain "
-                f"pre-norm block; this model adds {', '.join(extras)}, which it does not handle"
+                f"{cfg.model_name}: an attention output bias under a post-attention norm has no per-head "
+                "share; edge attribution does not handle it"
             )
         self.eng = eng
         self.graph = Graph.for_model(model)
@@ -179,17 +186,8 @@ class GraphModel:
         return out if self.eng.b_U is None else out + self.eng.b_U
 
     def mlp(self, l: int, x: torch.Tensor) -> torch.Tensor:
-        e = self.eng
-        h = self.norm(x) @ e.W_mlp_in[l]
-        if e.b_mlp_in[l] is not None:
-            h = h + e.b_mlp_in[l]
-        if e.gated:
-            m = h.shape[-1] // 2
-            post = e.act(h[..., :m]) * h[..., m:]
-        else:
-            post = e.act(h)
-        out = post @ e.W_mlp_out[l]
-        return out if e.b_mlp_out[l] is None else out + e.b_mlp_out[l]
+        """MLP ``l``'s output as it joins the residual (after Gemma's post-MLP norm): one sender."""
+        return self.eng._mlp(l, x)
 
     def attend(self, l: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``l``'s heads from their inputs ``x [N, T, H + 2K, d]`` (queries, keys, values): ``z``."""
@@ -202,20 +200,43 @@ class GraphModel:
             q = q + self.bQ[l][None, :, None]
             k = k + self.bK[l][None, :, None]
             v = v + self.bV[l][None, :, None]
+        e = self.eng
+        if e.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before rotary
+            q = (e._norm(q, True).float() * e.q_norm_w[l]).to(q.dtype)
+            k = (e._norm(k, True).float() * e.k_norm_w[l]).to(k.dtype)
         T = x.shape[1]
-        if self.eng.rope is not None:
-            q, k = self.eng.rope(q, k, torch.arange(T, device=x.device))
+        positions = torch.arange(T, device=x.device)
+        if e.rope is not None:
+            q, k = e.rope(q, k, positions, l)
         if K != H:
             k = k.repeat_interleave(H // K, dim=1)
             v = v.repeat_interleave(H // K, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.eng.scale
+        scores = (q @ k.transpose(-1, -2)) * e.layer_scale[l]
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if e.layer_window[l] is not None:  # sliding-window layer
+            mask = mask & (positions[:, None] - positions[None] < e.layer_window[l])
         pattern = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         return (pattern @ v).transpose(1, 2)  # [N, T, H, dh]
 
     def head_out(self, l: int, z: torch.Tensor) -> torch.Tensor:
-        """Each head's residual contribution ``[N, T, H, d]`` (without the shared output bias)."""
-        return torch.einsum("nthe,hed->nthd", z, self.WO[l])
+        """Each head's residual contribution ``[N, T, H, d]`` (without the shared output bias).
+
+        Under Gemma's post-attention RMSNorm the layer adds ``norm(sum_h z_h W_O^h) * w``: each head's
+        share is its ``z_h W_O^h`` times that norm's scale and weight, read from the same run, so
+        the shares add up to the layer's output exactly (as direct logit attribution splits it)."""
+        ho = torch.einsum("nthe,hed->nthd", z, self.WO[l])
+        if not self.eng.post_norms:
+            return ho
+        total = ho.sum(2, keepdim=True).float()
+        inv = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (ho.float() * inv * self.eng.post_attn_w[l]).to(ho.dtype)
+
+    def src_head_out(self, l: int, src: _Outputs, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The heads' contributions in a recorded run (rows ``index``); a mean run's are the mean of
+        its prompts' contributions, not the contributions of its mean ``z``."""
+        if src.ho is not None:
+            return src.ho[l] if index is None else src.ho[l][index]
+        return self.head_out(l, src.z[l] if index is None else src.z[l][index])
 
     def _bias_o(self, l: int) -> Optional[torch.Tensor]:
         return self.eng.b_o[l]
@@ -225,13 +246,16 @@ class GraphModel:
     def run(self, embed: torch.Tensor, last_only: bool) -> _Outputs:
         """A plain forward from the input node's output, recording every sender and stage."""
         resid = embed
-        zs, mlps, pre, mid = [], [], [], []
+        zs, mlps, pre, mid, hos = [], [], [], [], []
         R_att = self.H + 2 * self.K
         for l in range(self.L):
             pre.append(resid)
             z = self.attend(l, resid[:, :, None].expand(-1, -1, R_att, -1))
             zs.append(z)
-            resid = resid + self.head_out(l, z).sum(2)
+            ho = self.head_out(l, z)
+            if self.eng.post_norms:
+                hos.append(ho)
+            resid = resid + ho.sum(2)
             if self._bias_o(l) is not None:
                 resid = resid + self._bias_o(l)
             mid.append(resid)
@@ -239,7 +263,7 @@ class GraphModel:
                 m = self.mlp(l, resid)
                 mlps.append(m)
                 resid = resid + m
-        return _Outputs(embed, zs, mlps, pre, mid, resid, self.unembed(resid, last_only))
+        return _Outputs(embed, zs, mlps, pre, mid, resid, self.unembed(resid, last_only), hos or None)
 
     def grad_run(
         self,
@@ -275,10 +299,15 @@ class GraphModel:
                 x = resid[:, :, None].expand(-1, -1, R_att, -1) * 1.0
                 inputs.append(x)
                 z = self.attend(l, x)
-                if pin is not None:
+                if pin is not None and not self.eng.post_norms:
                     target = base.z[l] + a * (other.z[l] - base.z[l])
                     z = z + (target - z).detach()
-                resid = resid + self.head_out(l, z).sum(2)
+                ho = self.head_out(l, z)
+                if pin is not None and self.eng.post_norms:  # pin the heads' shares, not their z
+                    b_ho = self.src_head_out(l, base)
+                    target = b_ho + a * (self.src_head_out(l, other) - b_ho)
+                    ho = ho + (target - ho).detach()
+                resid = resid + ho.sum(2)
                 if self._bias_o(l) is not None:
                     resid = resid + self._bias_o(l)
                 if not self.attn_only:
@@ -318,7 +347,7 @@ class GraphModel:
         A[:, 0] = out.embed
         for l in range(self.L):
             s = self.head_s[l]
-            A[:, s : s + self.H] = self.head_out(l, out.z[l]).permute(0, 2, 1, 3)
+            A[:, s : s + self.H] = self.src_head_out(l, out).permute(0, 2, 1, 3)
             if not self.attn_only:
                 A[:, self.mlp_s[l]] = out.mlp[l]
         return A
@@ -372,7 +401,7 @@ class GraphModel:
             x = inputs(self.att_r[l], s0, resid, src.pre[l])
             z = self.attend(l, x.permute(0, 2, 1, 3))
             ho = self.head_out(l, z)  # [N, T, H, d]
-            D[:, s0 : s0 + self.H] = (ho - self.head_out(l, src.z[l][si])).permute(0, 2, 1, 3).reshape(N, self.H, -1)
+            D[:, s0 : s0 + self.H] = (ho - self.src_head_out(l, src, si)).permute(0, 2, 1, 3).reshape(N, self.H, -1)
             resid = resid + ho.sum(2)
             if self._bias_o(l) is not None:
                 resid = resid + self._bias_o(l)
@@ -574,6 +603,7 @@ def _slice_outputs(o: _Outputs, idx: torch.Tensor) -> _Outputs:
         [t[i] for t in o.mid],
         o.final[i],
         o.logits[i],
+        None if o.ho is None else [t[i] for t in o.ho],
     )
 
 

@@ -17,9 +17,9 @@ What this module does, one step each:
 * :func:`collect`: activations at any hooks (default :func:`resid_hooks`: the residual stream
   entering every layer, and after the last) for the labelled tokens, batched, with a progress bar;
   cached per (model, hook, data), so a layer sweep runs the model once.
-* :func:`fit_probe`: a linear probe (multinomial logistic regression) or a one-hidden-layer MLP
-  (scikit-learn), trained on a seeded split *by sentence* (:func:`split_by_group`), scored on the
-  held-out sentences.
+* :func:`fit_probe`: a linear probe (multinomial logistic regression, scikit-learn's objective
+  solved to convergence by :mod:`mechlib.logistic`) or a one-hidden-layer MLP (scikit-learn),
+  trained on a seeded split *by sentence* (:func:`split_by_group`), scored on the held-out sentences.
 * :func:`control_labels`: Hewitt & Liang's control task.
 * :func:`sweep`: every layer x probe, task and control, over seeds, as :class:`SeedGrid` results
   (``Grid(layer, probe)`` with the per-seed values, intervals and a plot), gathered in a
@@ -539,7 +539,11 @@ def fit_probe(
         seed: Seeds the split and the probe's initialisation.
         test_fraction: Share of sentences held out.
         split: ``(train_index, test_index)`` to use instead of drawing one.
-        **probe_kw: Passed to :func:`make_probe` (``hidden``, ``C``, ``max_iter``).
+        **probe_kw: ``C`` and ``max_iter`` (L-BFGS iterations) for the linear probe, which
+            :func:`mechlib.logistic.fit_logistic` fits to convergence (scikit-learn's
+            ``LogisticRegression`` objective; its own default stops at 300 iterations, often before
+            converging on control tasks); ``hidden``, ``C``, ``max_iter`` (epochs) for the MLP
+            probe (:func:`make_probe`).
 
     Raises:
         ValueError: Labels, groups and features of different lengths; a single class; a training
@@ -559,6 +563,25 @@ def fit_probe(
     train, test = split if split is not None else split_by_group(g, test_fraction, seed)
     if len(np.unique(y[train])) < 2:
         raise ValueError("the training sentences hold one class only; use more data or another seed")
+    vals, counts = np.unique(y[train], return_counts=True)
+    majority = float((y[test] == vals[counts.argmax()]).mean())
+    if kind == "linear":
+        classes, yi = np.unique(y, return_inverse=True)
+        is_train = np.zeros(len(y), bool)
+        is_train[train] = True
+        fits = _linear_fits([torch.from_numpy(x)], [(0, yi, is_train)], len(classes), **probe_kw)
+        pred_all = fits[0].predict(torch.from_numpy(x)[None])[0].numpy()
+        correct = pred_all[test] == yi[test]
+        return ProbeFit(
+            kind,
+            float(correct.mean()),
+            float((pred_all[train] == yi[train]).mean()),
+            majority,
+            len(train),
+            len(test),
+            correct,
+            fits[0],
+        )
     est = make_probe(kind, seed, **probe_kw)
     import warnings
 
@@ -569,8 +592,6 @@ def fit_probe(
         est.fit(x[train], y[train])
     pred = est.predict(x[test])
     correct = pred == y[test]
-    vals, counts = np.unique(y[train], return_counts=True)
-    majority = float((y[test] == vals[counts.argmax()]).mean())
     return ProbeFit(
         kind,
         float(correct.mean()),
@@ -581,6 +602,28 @@ def fit_probe(
         correct,
         est,
     )
+
+
+def _linear_fits(
+    features: Sequence[torch.Tensor],
+    problems: Sequence[tuple[int, np.ndarray, np.ndarray]],
+    n_classes: int,
+    *,
+    C: float = 1.0,
+    max_iter: int = 3000,
+    **_unused: Any,
+) -> list[Any]:
+    """Linear probes for many problems ``(feature index, class indices [n], train mask [n])``,
+    fitted together by :func:`mechlib.logistic.fit_logistic` (problems on the same features read
+    them once per step); one single-problem :class:`~mechlib.logistic.LogisticFit` per problem.
+    MLP-only options (``hidden``, ...) are ignored."""
+    from mechlib.logistic import fit_logistic
+
+    x = torch.stack([f.float() for f in features])
+    y = torch.stack([torch.as_tensor(yi, dtype=torch.long) for _, yi, _ in problems])
+    tr = torch.stack([torch.as_tensor(m, dtype=torch.bool) for _, _, m in problems])
+    fit = fit_logistic(x, y, tr, n_classes=n_classes, features=[f for f, _, _ in problems], C=C, max_iter=max_iter)
+    return [fit[p] for p in range(len(problems))]
 
 
 # ---- sweeps ----------------------------------------------------------------------------------
@@ -735,7 +778,9 @@ def sweep(
     """Probe every hook (layer) with every probe kind, on the task and on its control, over seeds.
 
     Each seed draws its own sentence split, its own control task (:func:`control_labels`) and its
-    own probe initialisation; within a seed, task and control probes share the split.
+    own probe initialisation; within a seed, task and control probes share the split. Every linear
+    probe of the sweep (seeds x layers x task and control) is fitted in one batched L-BFGS
+    (:func:`mechlib.logistic.fit_logistic`), to the same solutions as one at a time.
 
     Args:
         model: A bridge.
@@ -769,19 +814,49 @@ def sweep(
     majority = torch.zeros(S)
     seen = torch.zeros(S)
     words = np.asarray(data.words)
-    bar = tqdm(total=S * L * P * (2 if control else 1), desc="probes", disable=not progress, leave=False)
+    y_task = np.asarray(data.labels)
+    classes = np.unique(y_task)
+    splits = [split_by_group(data.sentence, test_fraction, seed) for seed in seeds]
+    c_all = [np.asarray(control_labels(data.words, data.labels, seed)) if control else None for seed in seeds]
+    for si, (train, test) in enumerate(splits):
+        seen[si] = float(np.isin(words[test], words[train]).mean())
+        vals, counts = np.unique(y_task[train], return_counts=True)
+        majority[si] = float((y_task[test] == vals[counts.argmax()]).mean())
+    # Linear probes: every (seed, layer, task/control) problem is convex; they are fitted together.
+    if "linear" in probes:
+        pi = probes.index("linear")
+        feats = [acts[h].float() for h in hooks]
+        jobs, problems = [], []
+        for si, (train, test) in enumerate(splits):
+            mask = np.zeros(len(y_task), bool)
+            mask[train] = True
+            for which, y in (("task", y_task), ("control", c_all[si])):
+                if y is None:
+                    continue
+                yi = np.searchsorted(classes, y)
+                for li in range(L):
+                    jobs.append((si, li, which, test, yi))
+                    problems.append((li, yi, mask))
+        with tqdm(total=1, desc=f"linear probes ({len(problems)} together)", disable=not progress, leave=False) as bar:
+            fits = _linear_fits(feats, problems, len(classes), **probe_kw)
+            bar.update()
+        X = torch.stack(feats)
+        for (si, li, which, test, yi), fit in zip(jobs, fits):
+            pred = fit.predict(X)[0].numpy()
+            acc = float((pred[test] == yi[test]).mean())
+            (task if which == "task" else ctrl)[si, li, pi] = acc
+    rest = [k for k in probes if k != "linear"]
+    bar = tqdm(total=S * L * len(rest) * (2 if control else 1), desc="probes", disable=not progress, leave=False)
     for si, seed in enumerate(seeds):
-        split = split_by_group(data.sentence, test_fraction, seed)
-        seen[si] = float(np.isin(words[split[1]], words[split[0]]).mean())
-        c_labels = control_labels(data.words, data.labels, seed) if control else None
+        split = splits[si]
         for li, h in enumerate(hooks):
-            for pi, kind in enumerate(probes):
+            for kind in rest:
+                pi = probes.index(kind)
                 fit = fit_probe(acts[h], data.labels, data.sentence, kind=kind, seed=seed, split=split, **probe_kw)
                 task[si, li, pi] = fit.accuracy
-                majority[si] = fit.majority
                 bar.update()
                 if control:
-                    cfit = fit_probe(acts[h], c_labels, data.sentence, kind=kind, seed=seed, split=split, **probe_kw)
+                    cfit = fit_probe(acts[h], c_all[si], data.sentence, kind=kind, seed=seed, split=split, **probe_kw)
                     ctrl[si, li, pi] = cfit.accuracy
                     bar.update()
     bar.close()

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from typing import Any, Iterable, Optional, Sequence
@@ -36,6 +37,7 @@ from mechlib.types import Model
 
 __all__ = [
     "whole",
+    "finite",
     "int_list",
     "layer_list",
     "head_list",
@@ -67,6 +69,23 @@ def whole(value: Any, name: str, *, minimum: Optional[int] = None, maximum: Opti
     if not _is_int(value):
         raise TypeError(f"{name} must be a whole number (int), got {value!r} ({type(value).__name__})")
     v = int(value)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {v}")
+    return v
+
+
+def finite(value: Any, name: str, *, minimum: Optional[float] = None, maximum: Optional[float] = None) -> float:
+    """``value`` as a finite ``float``; ``TypeError`` for bools, strings and tensors of more than one
+    element, ``ValueError`` for nan, infinity or out of range."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise TypeError(f"{name} must be one number, got a tensor of shape {tuple(value.shape)}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {v}")
     if maximum is not None and v > maximum:

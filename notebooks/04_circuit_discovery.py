@@ -242,9 +242,12 @@ if EAP_SUPPORTED:  # see the first cell
 # ## 5 · What this shows
 #
 # The printed numbers above are this run's; the record below re-derives every claim from them.
-# On a model whose architecture edge attribution cannot rebuild exactly (Gemma 3: embedding scale,
-# query/key norms, post-sublayer norms, sliding windows), sections 1-4 are skipped and every claim is
-# recorded as not applicable there, with the reason the first cell printed.
+# On Gemma 3 the graph carries its embedding scale, query/key norms, sliding windows and
+# post-sublayer norms; under the post-attention norm a head's sender output is its share of the
+# normalised layer output (its `z W_O` times the norm's factor in that run, as direct logit
+# attribution splits it). On a model whose architecture edge attribution cannot rebuild exactly,
+# sections 1-4 are skipped and every claim is recorded as not applicable there, with the reason the
+# first cell printed.
 #
 # * **Faithfulness.** On SmolLM2's graph (its edge count, and GPT-2 small's in the paper's
 #   convention, are printed in the first cell), the two curves and the edges each method needs to

@@ -259,3 +259,30 @@ def test_segment_on_smollm2_matches_the_tokenizer(smollm2):
     assert seg.tokens.tolist() == list(whole_text["input_ids"])
     assert seg.words == ("The", "food", "was", "wonderful.")
     assert smollm2.tokenizer.decode(seg.drop([3])) == "Review: The food was\nSentiment:"
+
+
+def test_integrated_gradients_refine_each_input_until_complete(tiny_llama):
+    g = torch.Generator().manual_seed(5)
+    segs = [A.from_tokens(torch.randint(0, 256, (8,), generator=g), attributable=[1, 2, 3, 4, 5]) for _ in range(3)]
+    tg = A.Target(5, 9)
+    one_pass = A.integrated_gradients(tiny_llama, segs, tg, steps=2, baseline="zero")
+    assert all(a.info["converged"] is None and a.info["steps"] == 2 for a in one_pass)
+    refined = A.integrated_gradients(tiny_llama, segs, tg, steps=2, baseline="zero", rtol=0.01, max_steps=256)
+    assert max(a.info["steps"] for a in refined) > 2  # two points are not enough here
+    for seg, a in zip(segs, refined):
+        assert a.info["converged"] is True
+        assert a.info["completeness_error"] <= 0.01 * abs(a.target_value - a.info["baseline_value"])
+        # each input's scores are exactly a one-pass run with the points it was given
+        again = A.integrated_gradients(tiny_llama, [seg], tg, steps=a.info["steps"], baseline="zero")[0]
+        torch.testing.assert_close(a.scores, again.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_integrated_gradients_say_which_inputs_stay_above_the_tolerance(tiny_llama):
+    seg = A.from_tokens(torch.arange(30, 38), attributable=[1, 2, 3, 4, 5])
+    with pytest.warns(UserWarning, match=r"1 of 1 inputs stay above the completeness tolerance"):
+        a = A.integrated_gradients(tiny_llama, [seg], A.Target(5, 9), steps=1, rtol=1e-9, max_steps=2)[0]
+    assert a.info["converged"] is False and a.info["steps"] == 2
+    with pytest.raises(ValueError, match="max_steps must be at least 4"):
+        A.integrated_gradients(tiny_llama, [seg], A.Target(5, 9), steps=4, rtol=0.1, max_steps=2)
+    with pytest.raises(TypeError, match="rtol must be a number"):
+        A.integrated_gradients(tiny_llama, [seg], A.Target(5, 9), rtol="0.1")

@@ -68,7 +68,7 @@ def hf_gpt2():
 # ---- the graph forward is the model ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny-attn-2l", "tiny-2l", "tiny-llama-2l"])
+@pytest.mark.parametrize("name", ["tiny-attn-2l", "tiny-2l", "tiny-llama-2l", "tiny-gemma3-3l"])
 def test_graph_forward_matches_bridge(name):
     model = load_model(name, seed=0)
     gm = E.graph_model(model)
@@ -357,7 +357,7 @@ def test_eap_equals_exact_edge_patching_where_the_metric_is_linear(linear_model,
     assert (est_qk - exact_qk).abs().max() > 1e-3 * exact_qk.abs().max()
 
 
-@pytest.mark.parametrize("name", ["tiny-2l", "tiny-llama-2l"])
+@pytest.mark.parametrize("name", ["tiny-2l", "tiny-llama-2l", "tiny-gemma3-3l"])
 def test_eap_ig_converges_to_exact_patching_of_the_input(name):
     """Integrated gradients are complete: the input node's edges together carry the whole effect
     of patching the input (the clean-corrupted difference) as the steps grow; EAP does not."""
@@ -453,3 +453,58 @@ def test_smollm2_graph_and_scores(smollm2):
     top = e.top(3)
     exact = E.patch_edges(smollm2, ds.tokens, ds.corrupted_tokens, m, [k for k, _ in top])
     assert torch.isfinite(e.scores).all() and torch.isfinite(exact).all()
+
+
+# ---- Gemma 3: post-sublayer norms, query/key norms, embedding scale, sliding windows ----------
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model("tiny-gemma3-3l", seed=0)
+
+
+def _gemma_hook_patch(model, clean, corrupted, node: str):
+    """The clean run with one sender's share replaced by its corrupted share, through the bridge's
+    own hooks: a head's share under the post-attention norm is its ``z W_O`` times the norm's
+    elementwise factor ``attn_out / sum_h z_h W_O^h``, read from the same run."""
+    _, c_cache = model.run_with_cache(corrupted)
+    _, k_cache = model.run_with_cache(clean)
+    if node.startswith("MLP"):
+        l = int(node[3:])
+        name = f"blocks.{l}.hook_mlp_out"
+        return model.run_with_hooks(clean, fwd_hooks=[(name, lambda a, hook: c_cache[name])])
+    l, h = (int(x) for x in node[1:].split("H"))
+
+    def share(cache):
+        raw = torch.einsum("nthe,hed->nthd", cache[f"blocks.{l}.attn.hook_z"], model.W_O[l])
+        return raw[:, :, h] * cache[f"blocks.{l}.hook_attn_out"] / raw.sum(2)
+
+    delta = share(c_cache) - share(k_cache)
+    return model.run_with_hooks(clean, fwd_hooks=[(f"blocks.{l}.hook_attn_out", lambda a, hook: a + delta)])
+
+
+@pytest.mark.parametrize("node", ["L0H1", "L1H0", "L2H3", "MLP0", "MLP1"])
+def test_gemma_patching_a_senders_every_edge_equals_patching_its_share_through_hooks(gemma, node):
+    clean, corrupted = _pair(3, 7, seed=11)
+    metric = _metric(3)
+    gm = E.graph_model(gemma)
+    assert gm.eng.post_norms and gm.eng.qk_norm and gm.eng.embed_scale is not None
+    keep = gm.graph.valid.clone()
+    keep[gm.graph.sender_index(node)] = False  # every edge out of the node carries the corrupted run's share
+    f = E.faithfulness(gemma, clean, corrupted, metric, keep, require_connected=False)
+    with torch.no_grad():
+        vc, vk = float(metric(gemma(clean)).mean()), float(metric(gemma(corrupted)).mean())
+        va = float(metric(_gemma_hook_patch(gemma, clean, corrupted, node)).mean())
+    assert abs(f.value - (va - vk) / (vc - vk)) < 1e-4, (f.value, (va - vk) / (vc - vk))
+    assert abs(va - vc) > 1e-4  # the patch changed the metric: the check has teeth
+
+
+def test_gemma_head_shares_add_up_to_the_layer_output(gemma):
+    clean, _ = _pair(2, 7, seed=12)
+    gm = E.graph_model(gemma)
+    out = gm.run(gm.embed(clean), last_only=False)
+    _, cache = gemma.run_with_cache(clean)
+    for l in range(gm.L):
+        torch.testing.assert_close(out.ho[l].sum(2), cache[f"blocks.{l}.hook_attn_out"], atol=1e-5, rtol=1e-4)
+    mean = out.mean()  # a mean run's shares are the mean of the prompts' shares
+    torch.testing.assert_close(mean.ho[0], out.ho[0].mean(0, keepdim=True))

@@ -281,3 +281,18 @@ def test_score_pairs_and_agreement_prompts_on_smollm2(smollm2):
     diff = data.clean != data.corrupted
     assert diff[:, data.subject_pos].all() and diff.sum() == 20  # only the subject differs
     assert torch.equal(data.number, torch.arange(20) % 2)
+
+
+def test_sweep_fits_its_linear_probes_together_as_fit_probe_does_alone(model):
+    data = _random_data(model, labels=[["a", "b", "c"][i % 3] for i in range(60 * 12)])
+    hooks = probing.resid_hooks(model)[:2]
+    result = probing.sweep(model, data, hooks=hooks, probes=["linear"], seeds=(0, 1), progress=False)
+    acts = probing.collect(model, data, hooks, progress=False)
+    for si, seed in enumerate((0, 1)):
+        split = probing.split_by_group(data.sentence, 0.2, seed)
+        ctrl = probing.control_labels(data.words, data.labels, seed)
+        for li, h in enumerate(hooks):
+            task = probing.fit_probe(acts[h], data.labels, data.sentence, split=split)
+            con = probing.fit_probe(acts[h], ctrl, data.sentence, split=split)
+            assert abs(float(result.accuracy.samples[si, li, 0]) - task.accuracy) < 0.01
+            assert abs(float(result.control.samples[si, li, 0]) - con.accuracy) < 0.01

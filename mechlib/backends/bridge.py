@@ -27,6 +27,7 @@ import torch
 
 from mechlib.backends import Backend, Runs, RunSpec
 from mechlib.interventions import Plan, Sources
+from mechlib.readout import last_logits
 
 __all__ = ["BridgeBackend"]
 
@@ -137,11 +138,12 @@ class BridgeBackend(Backend):
     ) -> Optional[torch.Tensor]:
         T = runs.n_pos
         tokens = runs.row_tokens(base, len(lists))
+        hooks = self._hooks(plan, T, sources, records)
         with torch.no_grad():
-            logits = self.model.run_with_hooks(tokens, fwd_hooks=self._hooks(plan, T, sources, records))
-        if not want_logits:
-            return None
-        return logits[:, -1:] if last_only else logits
+            if last_only and want_logits:
+                return last_logits(self.model, tokens, fwd_hooks=hooks)[:, None]
+            logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+        return logits if want_logits else None
 
     def gradients(self, tokens, hooks, scalar):
         leaves: dict[str, torch.Tensor] = {}
