@@ -201,20 +201,14 @@ class GraphModel:
             k = k + self.bK[l][None, :, None]
             v = v + self.bV[l][None, :, None]
         e = self.eng
-        if e.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before rotary
-            q = (e._norm(q, True).float() * e.q_norm_w[l]).to(q.dtype)
-            k = (e._norm(k, True).float() * e.k_norm_w[l]).to(k.dtype)
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)
-        if e.rope is not None:
-            q, k = e.rope(q, k, positions, l)
+        q, k = e.position_qk(l, q, k, positions)
         if K != H:
             k = k.repeat_interleave(H // K, dim=1)
             v = v.repeat_interleave(H // K, dim=1)
         scores = (q @ k.transpose(-1, -2)) * e.layer_scale[l]
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        if e.layer_window[l] is not None:  # sliding-window layer
-            mask = mask & (positions[:, None] - positions[None] < e.layer_window[l])
+        mask = e.window_mask(l, torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), positions)
         pattern = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         return (pattern @ v).transpose(1, 2)  # [N, T, H, dh]
 

@@ -494,7 +494,8 @@ class ProbeFit:
         majority: Held-out accuracy of always answering the training set's most frequent label.
         n_train, n_test: Rows on each side.
         correct: ``[n_test]`` whether each held-out row was right (for :func:`mechlib.stats.rate_ci`).
-        estimator: The fitted scikit-learn pipeline.
+        estimator: The fitted probe: a single-problem :class:`mechlib.logistic.LogisticFit` (linear) or a
+            scikit-learn pipeline (MLP).
     """
 
     kind: str
@@ -563,45 +564,39 @@ def fit_probe(
     train, test = split if split is not None else split_by_group(g, test_fraction, seed)
     if len(np.unique(y[train])) < 2:
         raise ValueError("the training sentences hold one class only; use more data or another seed")
-    vals, counts = np.unique(y[train], return_counts=True)
-    majority = float((y[test] == vals[counts.argmax()]).mean())
     if kind == "linear":
         classes, yi = np.unique(y, return_inverse=True)
         is_train = np.zeros(len(y), bool)
         is_train[train] = True
-        fits = _linear_fits([torch.from_numpy(x)], [(0, yi, is_train)], len(classes), **probe_kw)
-        pred_all = fits[0].predict(torch.from_numpy(x)[None])[0].numpy()
-        correct = pred_all[test] == yi[test]
-        return ProbeFit(
-            kind,
-            float(correct.mean()),
-            float((pred_all[train] == yi[train]).mean()),
-            majority,
-            len(train),
-            len(test),
-            correct,
-            fits[0],
-        )
-    est = make_probe(kind, seed, **probe_kw)
-    import warnings
+        est = _linear_fits([torch.from_numpy(x)], [(0, yi, is_train)], len(classes), **probe_kw)[0]
+        pred = classes[est.predict(torch.from_numpy(x)[None])[0].numpy()]
+    else:
+        est = make_probe(kind, seed, **probe_kw)
+        import warnings
 
-    from sklearn.exceptions import ConvergenceWarning
+        from sklearn.exceptions import ConvergenceWarning
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        est.fit(x[train], y[train])
-    pred = est.predict(x[test])
-    correct = pred == y[test]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(x[train], y[train])
+        pred = est.predict(x)
+    correct = pred[test] == y[test]
     return ProbeFit(
         kind,
         float(correct.mean()),
-        float((est.predict(x[train]) == y[train]).mean()),
-        majority,
+        float((pred[train] == y[train]).mean()),
+        _majority(y, train, test),
         len(train),
         len(test),
         correct,
         est,
     )
+
+
+def _majority(y: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+    """Held-out accuracy of always answering the training rows' most frequent label."""
+    vals, counts = np.unique(y[train], return_counts=True)
+    return float((y[test] == vals[counts.argmax()]).mean())
 
 
 def _linear_fits(
@@ -820,8 +815,7 @@ def sweep(
     c_all = [np.asarray(control_labels(data.words, data.labels, seed)) if control else None for seed in seeds]
     for si, (train, test) in enumerate(splits):
         seen[si] = float(np.isin(words[test], words[train]).mean())
-        vals, counts = np.unique(y_task[train], return_counts=True)
-        majority[si] = float((y_task[test] == vals[counts.argmax()]).mean())
+        majority[si] = _majority(y_task, train, test)
     # Linear probes: every (seed, layer, task/control) problem is convex; they are fitted together.
     if "linear" in probes:
         pi = probes.index("linear")

@@ -176,6 +176,26 @@ class Engine:
         x = self.W_E[tokens]
         return x if self.embed_scale is None else x * self.embed_scale
 
+    def position_qk(
+        self, l: int, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``l``'s queries and keys ``[N, head, S, d_head]`` made ready for the scores: Gemma 3's
+        per-head RMSNorm, then rotary at ``positions`` (each a no-op where the model has none)."""
+        if self.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before rotary
+            q = (self._norm(q, True).float() * self.q_norm_w[l]).to(q.dtype)
+            k = (self._norm(k, True).float() * self.k_norm_w[l]).to(k.dtype)
+        if self.rope is not None:
+            q, k = self.rope(q, k, positions, l)
+        return q, k
+
+    def window_mask(self, l: int, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The causal ``mask [S, T]`` (queries at ``positions``, keys ``0..T-1``) restricted to layer
+        ``l``'s sliding window, if it has one."""
+        w, T = self.layer_window[l], mask.shape[-1]
+        if w is None or T <= w:
+            return mask
+        return mask & (positions[:, None] - torch.arange(T, device=mask.device)[None] < w)
+
     def _post_norm(self, x: torch.Tensor, weights: list[torch.Tensor], l: int) -> torch.Tensor:
         """Gemma's RMSNorm after a sublayer (before it joins the residual); identity elsewhere."""
         if not weights:
@@ -281,11 +301,7 @@ class Engine:
                 k = fire(p + "attn.hook_k", k, l)
                 v = fire(p + "attn.hook_v", v, l)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [N, head, S, dh]
-            if self.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before rotary
-                q = (self._norm(q, True).float() * self.q_norm_w[l]).to(q.dtype)
-                k = (self._norm(k, True).float() * self.k_norm_w[l]).to(k.dtype)
-            if self.rope is not None:
-                q, k = self.rope(q, k, positions, l)
+            q, k = self.position_qk(l, q, k, positions)
             if start_pos > 0:
                 pk, pv = prefix_keys[l], prefix_values[l]
                 if gather:
@@ -294,9 +310,7 @@ class Engine:
                 v = torch.cat([pv[:, :, :start_pos], v], dim=2)
             new_k.append(k)
             new_v.append(v)
-            m_l = mask
-            if self.layer_window[l] is not None and T > self.layer_window[l]:  # sliding-window layer
-                m_l = mask & (positions[:, None] - torch.arange(T, device=mask.device)[None] < self.layer_window[l])
+            m_l = self.window_mask(l, mask, positions)
             if last_at_top and l == self.n_layers - 1 and resid.shape[1] > 1:
                 q, resid, m_l = q[:, :, -1:], resid[:, -1:], m_l[-1:]
             if K != H:
