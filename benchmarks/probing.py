@@ -3,10 +3,10 @@
 Prints (1) tokens/s of collecting the residual stream at every layer for the part-of-speech data
 (one forward pass per batch, every hook at once), (2) the wall time of a sweep over every layer
 (``n_layers + 1`` residual streams) x linear and MLP probes x task and control x seeds, per fit
-and in all, with the peaks it finds, and (3) the linear probes of a sweep fitted together by
+and in all, with the peaks it finds, and (3) the linear probes of a sweep fitted to convergence by
 ``mechlib.logistic`` against scikit-learn's ``StandardScaler + LogisticRegression`` one at a time
 (its defaults, ``max_iter=300``): time, how many scikit-learn fits stopped at ``max_iter``, and the
-largest held-out accuracy difference. Last line: ``ratio <scikit-learn time / batched time>
+largest held-out accuracy difference. Last line: ``ratio <scikit-learn time / mechlib time>
 max_acc_diff <largest accuracy difference>``.
 Run: python benchmarks/probing.py [--model smollm2-135m] [--seeds 0] [--layer-step 5]
 """
@@ -99,7 +99,7 @@ def compare_sklearn(model, data, hooks, seeds) -> None:
     n = len(diffs)
     print(
         f"linear probes, {len(hooks)} layers x (task + control) x {len(seeds)} seed(s) = {n} fits: "
-        f"batched {t_ours:.1f} s, scikit-learn one at a time {t_sk:.1f} s ({capped} of {n} stopped at max_iter "
+        f"mechlib.logistic {t_ours:.1f} s, scikit-learn one at a time {t_sk:.1f} s ({capped} of {n} stopped at max_iter "
         f"unconverged); held-out accuracy differs by at most {max(diffs):.4f} (mean {sum(diffs) / n:.4f})"
     )
     print(f"ratio {t_sk / t_ours:.1f} max_acc_diff {max(diffs):.4f}")

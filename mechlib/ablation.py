@@ -40,6 +40,7 @@ from jaxtyping import Float, Int
 from mechlib.backends import get_backend
 from mechlib.interventions import Intervention, Replace, Site, Zero
 from mechlib.metrics import as_metric
+from mechlib.readout import activations
 from mechlib.results import head_label
 from mechlib.types import Model
 from mechlib.validate import choice, head_specs, layer_list, str_list, token_tensor, whole
@@ -394,7 +395,7 @@ def path_ablation_hooks(
         raise ValueError("into is empty; name the activations to patch, e.g. 'blocks.1.attn.hook_k'")
     wanted = set(names)
     with torch.no_grad(), model.hooks(fwd_hooks=ablation_hooks(model, heads, method, **kw)):
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
+        cache = activations(model, tokens, lambda n: n in wanted)
     missing = [n for n in names if n not in cache]
     if missing:
         raise ValueError(f"no activation named {missing}; check the hook names with list(cache.keys())")

@@ -20,6 +20,7 @@ from jaxtyping import Int
 
 from mechlib import validate
 from mechlib.engine.forward import get_engine
+from mechlib.readout import activations
 from mechlib.results import PromptGrid, head_label
 from mechlib.types import Model
 
@@ -68,7 +69,7 @@ def head_attention(
         acts = engine.run(tokens, keep=names).acts
     else:
         with torch.no_grad():
-            _, acts = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+            acts = activations(model, tokens, lambda n: n in names)
     per = torch.zeros(len(hs), len(keys), B)
     for i, (l, h) in enumerate(hs):
         pat = acts[f"blocks.{l}.attn.hook_pattern"][idx, h, q].float().cpu()  # [B, key]

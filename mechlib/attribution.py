@@ -52,7 +52,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from mechlib.models import model_device
-from mechlib.readout import last_logits
+from mechlib.readout import Prefix, activations, last_logits, prefix_cache, shared_prefix_length
 from mechlib.types import Model
 from mechlib.validate import choice, finite, layer_list, position_list, str_list, token_tensor, whole
 
@@ -288,20 +288,33 @@ def _groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     ]
 
 
-def _last_logits(model: Model, tokens: torch.Tensor, embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[batch, vocab]`` logits at the last position; ``embeds`` replaces the token embeddings."""
+def _shared_prefix(model: Model, rows: Sequence[torch.Tensor], limit: Optional[int] = None) -> Optional[Prefix]:
+    """The keys and values of the leading tokens every row shares (at most ``limit`` of them),
+    computed once for every forward pass of a call (:func:`mechlib.readout.prefix_cache`); ``None``
+    when the rows share nothing or the model takes no cache."""
+    n = shared_prefix_length(rows)
+    n = n if limit is None else min(n, limit)
+    return prefix_cache(model, rows[0].reshape(-1)[:n]) if n > 0 else None
+
+
+def _last_logits(
+    model: Model, tokens: torch.Tensor, embeds: Optional[torch.Tensor] = None, prefix: Optional[Prefix] = None
+) -> torch.Tensor:
+    """``[batch, vocab]`` logits at the last position; ``embeds`` replaces the token embeddings (those
+    of the prefix's positions must be the tokens' own: the prefix's cached keys and values stand for them)."""
     if embeds is None:
-        return last_logits(model, tokens)
+        return last_logits(model, tokens, prefix=prefix)
+    start = len(prefix) if prefix is not None else 0
 
     def replace(x: torch.Tensor, hook: Any) -> torch.Tensor:
-        return embeds.to(x.dtype)
+        return embeds[:, start:].to(x.dtype)
 
-    return last_logits(model, tokens, fwd_hooks=[("hook_embed", replace)])
+    return last_logits(model, tokens, fwd_hooks=[("hook_embed", replace)], prefix=prefix)
 
 
 def _embed(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """``[batch, pos, d_model]`` token embeddings as the model computes them (``hook_embed``)."""
-    _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
+    cache = activations(model, tokens, "hook_embed")
     return cache["hook_embed"].detach()
 
 
@@ -310,8 +323,9 @@ def score(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target values and decisions for many token sequences of any lengths.
 
-    Sequences of equal length share a forward pass (no padding, so the numbers are exactly those of
-    one-at-a-time runs).
+    Sequences of equal length share a forward pass (no padding, so the numbers are those of
+    one-at-a-time runs), and the leading tokens all sequences share (a prompt template) are run once,
+    their keys and values reused by every pass.
 
     Args:
         sequences: ``[pos_i]`` token tensors.
@@ -329,8 +343,9 @@ def score(
         return values, decided
     dev = model_device(model)
     with torch.no_grad():
+        prefix = _shared_prefix(model, sequences)
         for idx in _groups([int(s.numel()) for s in sequences], batch_size):
-            last = _last_logits(model, torch.stack([sequences[i] for i in idx]).to(dev)).float()
+            last = _last_logits(model, torch.stack([sequences[i] for i in idx]).to(dev), prefix=prefix).float()
             for row, i in enumerate(idx):
                 values[i] = float(targets[i].value(last[row : row + 1])[0])
                 decided[i] = bool(targets[i].decided(last[row : row + 1])[0])
@@ -424,8 +439,12 @@ def occlusion(
 
 def _embedding_groups(model: Model, segs: list[Segmented], targets: list[Target], batch_size: int):
     """Yield ``(indices, tokens, embeds, forward)`` per group of equal-length inputs, where
-    ``forward(embeds, tokens)`` returns the ``[batch]`` target values (Captum's forward function)."""
+    ``forward(embeds, tokens)`` returns the ``[batch]`` target values (Captum's forward function).
+    The template tokens before the first attributed word of every input are run once (their
+    embeddings never change along a path)."""
     dev = model_device(model)
+    first_word = min(int((s.word_index >= 0).nonzero()[0, 0]) for s in segs)
+    prefix = _shared_prefix(model, [s.tokens for s in segs], limit=first_word)
     for idx in _groups([int(s.tokens.numel()) for s in segs], batch_size):
         tokens = torch.stack([segs[i].tokens for i in idx]).to(dev)
         answers = torch.tensor([targets[i].answer for i in idx], device=dev)
@@ -438,7 +457,7 @@ def _embedding_groups(model: Model, segs: list[Segmented], targets: list[Target]
         def forward(
             embeds: torch.Tensor, toks: torch.Tensor, a: torch.Tensor, o: torch.Tensor, _kind: str = kind
         ) -> torch.Tensor:
-            last = _last_logits(model, toks, embeds)
+            last = _last_logits(model, toks, embeds, prefix)
             rows = torch.arange(last.shape[0], device=last.device)
             if _kind == "logit_diff":
                 return last[rows, a] - last[rows, o]
@@ -608,7 +627,7 @@ def attention_scores(
     with torch.no_grad():
         for idx in _groups([int(s.tokens.numel()) for s in segs], batch_size):
             tokens = torch.stack([segs[i].tokens for i in idx]).to(dev)
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+            cache = activations(model, tokens, lambda n: n in names)
             att = torch.stack([cache[n][:, :, -1, :] for n in sorted(names)]).mean(dim=(0, 2))  # [batch, pos]
             for row, i in enumerate(idx):
                 ts = att[row].to(torch.float64).cpu()

@@ -232,9 +232,10 @@ def _trace(
         hooks |= {f"blocks.{l}.hook_{_POINT[v]}" for v in severed for l in range(nL)}
     corrupted = RunSpec(batch, corruption(noise, P, (s0, s1), corrupt))
     runs = be.cache({"clean": batch, "corrupted": corrupted}, hooks)
-    check(runs.logits["clean"][0, -1])
-    clean_p = float(_prob(runs.logits["clean"][0, -1], target))
-    corr_p = float(_prob(runs.logits["corrupted"][:, -1], target).float().cpu().mean())
+    clean_last = runs.last_logits("clean")[0]
+    check(clean_last)
+    clean_p = float(_prob(clean_last, target))
+    corr_p = float(_prob(runs.last_logits("corrupted"), target).float().cpu().mean())
     # With the noise added after block 0, block 0's attention and MLP outputs are clean in the
     # corrupted run: restoring them changes nothing, so windows start at layer 1.
     first = 0 if corrupt == "embed" else 1

@@ -105,8 +105,8 @@ def evaluate_circuit(
     be = get_backend(model, backend)
     means = head_means(model, reference, groups=groups, backend=be)
     runs = be.cache({"tokens": tokens}, [])
-    logits = runs.logits["tokens"]
-    full = metric.evaluate(logits[:, -1:] if metric.last_only else logits).detach().float().cpu()
+    logits = runs.last_logits("tokens")[:, None] if metric.last_only else runs.logits["tokens"]
+    full = metric.evaluate(logits).detach().float().cpu()
     ivs = ablation_interventions(model, outside, "mean", means=means) if outside else []
     ablated = be.run(runs, [ivs], base="tokens", score=metric.evaluate, last_only=metric.last_only).values[0]
     per = ablated.float() if ablated.ndim else ablated.float().reshape(1)

@@ -49,6 +49,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from mechlib.metrics import Metric
+from mechlib.readout import activations
 from mechlib.results import PromptGrid
 from mechlib.stats import Estimate, mean_ci
 from mechlib.validate import str_list, token_tensor, whole
@@ -314,7 +315,7 @@ def head_scores(
     tokens = _as_tokens(model, tokens)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("attn.hook_pattern"))
+        cache = activations(model, tokens, lambda name: name.endswith("attn.hook_pattern"))
     targets = {k: _TARGETS[k](tokens).float() for k in kinds}
     out: dict[str, PromptGrid] = {}
     for kind in kinds:

@@ -42,6 +42,7 @@ from transformer_lens.tools.analysis import logit_readout
 
 from mechlib.answers import AnswerLike, to_answer_ids  # to_answer_ids is re-exported from here
 from mechlib.models import model_device
+from mechlib.readout import activations
 from mechlib.results import Grid, PromptGrid
 from mechlib.types import Model
 from mechlib.validate import folded_model, prompt_positions, str_list, token_tensor, whole
@@ -567,7 +568,7 @@ def logit_lens(
         sl = slice(start, start + batch_size)
         tk, p = tokens[sl].to(dev), positions[sl]
         m = tk.shape[0]
-        _, cache = model.run_with_cache(tk, names_filter=_names_filter)
+        cache = activations(model, tk, _names_filter)
         idx = torch.arange(m, device=dev)
         acc, raw = cache.accumulated_resid(layer=None, incl_mid=False, return_labels=True)  # [R, m, seq, d]
         acc = acc[:, idx, p.to(dev)]  # [R, m, d]

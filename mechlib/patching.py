@@ -432,7 +432,7 @@ def patch(
     runs, base, source = base_runs(be, clean, corrupted, hooks, direction)
     vc, vk, offset, span = metric_scale(metric, runs, normalise)
     # Check the metric's output shape once, up front, on the base run.
-    metric.evaluate(runs.logits[base][:, -1:] if metric.last_only else runs.logits[base])
+    metric.evaluate(runs.last_logits(base)[:, None] if metric.last_only else runs.logits[base])
 
     cells = _cells(t, layers_, heads_, positions_)
     out = be.run(

@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechlib.models import model_device
+from mechlib.readout import activations
 from mechlib.results import Grid
 from mechlib.stats import Estimate, mean_ci
 from mechlib.types import Model
@@ -379,7 +380,7 @@ def collect(
             for r, i in enumerate(batch):
                 toks[r, : len(data.tokens[i])] = data.tokens[i]
             with torch.no_grad():
-                _, acts = model.run_with_cache(toks.to(device), names_filter=lambda n: n in wanted)
+                acts = activations(model, toks.to(device), lambda n: n in wanted)
             for h in missing:
                 a = acts[h]
                 for r, i in enumerate(batch):
@@ -606,18 +607,20 @@ def _linear_fits(
     *,
     C: float = 1.0,
     max_iter: int = 3000,
+    progress: bool = False,
     **_unused: Any,
 ) -> list[Any]:
     """Linear probes for many problems ``(feature index, class indices [n], train mask [n])``,
-    fitted together by :func:`mechlib.logistic.fit_logistic` (problems on the same features read
-    them once per step); one single-problem :class:`~mechlib.logistic.LogisticFit` per problem.
-    MLP-only options (``hidden``, ...) are ignored."""
+    fitted by :func:`mechlib.logistic.fit_logistic`; one single-problem
+    :class:`~mechlib.logistic.LogisticFit` per problem. MLP-only options (``hidden``, ...) are ignored."""
     from mechlib.logistic import fit_logistic
 
     x = torch.stack([f.float() for f in features])
     y = torch.stack([torch.as_tensor(yi, dtype=torch.long) for _, yi, _ in problems])
     tr = torch.stack([torch.as_tensor(m, dtype=torch.bool) for _, _, m in problems])
-    fit = fit_logistic(x, y, tr, n_classes=n_classes, features=[f for f, _, _ in problems], C=C, max_iter=max_iter)
+    fit = fit_logistic(
+        x, y, tr, n_classes=n_classes, features=[f for f, _, _ in problems], C=C, max_iter=max_iter, progress=progress
+    )
     return [fit[p] for p in range(len(problems))]
 
 
@@ -774,8 +777,8 @@ def sweep(
 
     Each seed draws its own sentence split, its own control task (:func:`control_labels`) and its
     own probe initialisation; within a seed, task and control probes share the split. Every linear
-    probe of the sweep (seeds x layers x task and control) is fitted in one batched L-BFGS
-    (:func:`mechlib.logistic.fit_logistic`), to the same solutions as one at a time.
+    probe of the sweep (seeds x layers x task and control) is fitted to convergence by
+    :func:`mechlib.logistic.fit_logistic`, each problem by its own L-BFGS.
 
     Args:
         model: A bridge.
@@ -816,7 +819,7 @@ def sweep(
     for si, (train, test) in enumerate(splits):
         seen[si] = float(np.isin(words[test], words[train]).mean())
         majority[si] = _majority(y_task, train, test)
-    # Linear probes: every (seed, layer, task/control) problem is convex; they are fitted together.
+    # Linear probes: every (seed, layer, task/control) problem is convex; one call fits them all.
     if "linear" in probes:
         pi = probes.index("linear")
         feats = [acts[h].float() for h in hooks]
@@ -831,9 +834,7 @@ def sweep(
                 for li in range(L):
                     jobs.append((si, li, which, test, yi))
                     problems.append((li, yi, mask))
-        with tqdm(total=1, desc=f"linear probes ({len(problems)} together)", disable=not progress, leave=False) as bar:
-            fits = _linear_fits(feats, problems, len(classes), **probe_kw)
-            bar.update()
+        fits = _linear_fits(feats, problems, len(classes), progress=progress, **probe_kw)
         X = torch.stack(feats)
         for (si, li, which, test, yi), fit in zip(jobs, fits):
             pred = fit.predict(X)[0].numpy()

@@ -11,6 +11,12 @@ the first and second repeat and every head's induction / previous-token / duplic
 The second-repeat loss collapses abruptly (the phase change) when a previous-token head appears
 in layer 0 and induction heads in layer 1.
 
+A run is deterministic (one torch thread), so ``cache=True`` keeps it in ``$MECHLIB_CACHE/toy``
+keyed by everything that decides it (steps, seed, config, logging, threads, the torch and
+TransformerLens versions, and the source of this module and of the code it measures with): the
+same call again, e.g. notebook 01 on another model, loads the run instead of training for a minute.
+Any change to those trains afresh.
+
 Example:
     >>> result = train_induction_model(steps=20, log_every=10, progress=False)
     >>> [r.step for r in result.history]
@@ -19,9 +25,15 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -32,7 +44,7 @@ from mechlib.models import random_model
 from mechlib.results import Grid
 from mechlib.types import Model
 
-__all__ = ["ToyConfig", "ToyLog", "ToyResult", "repeat_task_batch", "train_induction_model"]
+__all__ = ["ToyConfig", "ToyLog", "ToyResult", "repeat_task_batch", "toy_cache_path", "train_induction_model"]
 
 
 @dataclass(frozen=True)
@@ -208,6 +220,7 @@ def train_induction_model(
     log_every: int = 50,
     threads: Optional[int] = 1,
     progress: bool = True,
+    cache: bool = False,
 ) -> ToyResult:
     """Train a 2-layer attention-only transformer on repeated segments; log repeat loss and head scores.
 
@@ -222,6 +235,9 @@ def train_induction_model(
         log_every: Measure every this many steps (and at step 0 and the last step).
         threads: ``torch.set_num_threads`` during training (``None``: leave as is).
         progress: Show a tqdm bar.
+        cache: Load this run from ``$MECHLIB_CACHE/toy`` if it was trained before with the same
+            settings and code (:func:`toy_cache_path`), else train it and store it there
+            (written whole or not at all). ``result.meta["cache"]`` says which happened.
 
     Returns:
         A :class:`ToyResult`.
@@ -231,22 +247,24 @@ def train_induction_model(
     cfg = config or ToyConfig()
     if steps < 1 or log_every < 1:
         raise ValueError("steps and log_every must be at least 1")
+    if cache:
+        path = toy_cache_path(steps, seed=seed, config=cfg, log_every=log_every, threads=threads)
+        if path.is_file():
+            result = _load(path, cfg, seed)
+            result.meta["cache"] = f"loaded from {path}"
+            return result
+        result = train_induction_model(
+            steps, seed=seed, config=cfg, log_every=log_every, threads=threads, progress=progress
+        )
+        _store(result, path)
+        result.meta["cache"] = f"trained and stored in {path}"
+        return result
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        model = random_model(
-            seed=seed,
-            n_layers=cfg.n_layers,
-            d_model=cfg.d_model,
-            n_heads=cfg.n_heads,
-            d_head=cfg.d_head,
-            d_vocab=cfg.d_vocab,
-            n_ctx=cfg.n_ctx,
-            attn_only=True,
-            normalization_type="LN",
-        )
+        model = _toy_model(cfg, seed)
         gen = torch.Generator().manual_seed(seed)
         eval_tokens = repeated_tokens(model, cfg.eval_batch, cfg.n_ctx // 2, seed=seed + 10_000, bos=False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -296,3 +314,73 @@ def train_induction_model(
         if threads is not None:
             torch.set_num_threads(old_threads)
     return ToyResult(model, history, cfg, seed, wall, eval_tokens)
+
+
+def _toy_model(cfg: ToyConfig, seed: int) -> Model:
+    """The untrained toy model (seeded initialisation)."""
+    return random_model(
+        seed=seed,
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_head=cfg.d_head,
+        d_vocab=cfg.d_vocab,
+        n_ctx=cfg.n_ctx,
+        attn_only=True,
+        normalization_type="LN",
+    )
+
+
+def toy_cache_path(
+    steps: int, *, seed: int = 0, config: Optional[ToyConfig] = None, log_every: int = 50, threads: Optional[int] = 1
+) -> Path:
+    """Where ``train_induction_model(..., cache=True)`` keeps this run: a file named by a hash of the
+    arguments, the torch and TransformerLens versions, and the source of :mod:`mechlib.toy`,
+    :mod:`mechlib.induction` (the measurements) and :mod:`mechlib.models` (the initialisation)."""
+    import transformer_lens
+
+    from mechlib import induction, models
+
+    sources = [Path(m.__file__).read_bytes() for m in (induction, models)] + [Path(__file__).read_bytes()]
+    key = {
+        "steps": int(steps),
+        "seed": int(seed),
+        "config": dataclasses.asdict(config or ToyConfig()),
+        "log_every": int(log_every),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+        "sources": [hashlib.sha256(src).hexdigest() for src in sources],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    from mechlib.models import cache_dir
+
+    return cache_dir() / "toy" / f"induction-{digest}.pt"
+
+
+def _store(result: ToyResult, path: Path) -> None:
+    """Write ``result`` to ``path`` through a temporary file in the same folder (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state_dict": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "history": [dataclasses.asdict(h) for h in result.history],
+        "eval_tokens": result.eval_tokens,
+        "wall_time": float(result.wall_time),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path, cfg: ToyConfig, seed: int) -> ToyResult:
+    payload = torch.load(path, weights_only=True)
+    model = _toy_model(cfg, seed)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    history = [ToyLog(**h) for h in payload["history"]]
+    return ToyResult(model, history, cfg, seed, payload["wall_time"], payload["eval_tokens"])

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 
 from mechlib.models import model_device
+from mechlib.readout import activations
 from mechlib.results import head_label
 from mechlib.types import Model
 from mechlib.validate import parse_head
@@ -204,6 +205,6 @@ def attention_patterns(
             labels = [str(int(t)) for t in tokens[0]]
     names = {f"blocks.{l}.attn.hook_pattern" for l, _ in chosen}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        cache = activations(model, tokens, lambda name: name in names)
     attention = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in chosen])
     return attention_heads(attention, labels, [head_label(l, h) for l, h in chosen])

@@ -159,10 +159,13 @@ ax.set_title("per-position loss");
 # context 32) on random tokens containing repeated segments of random length and position (one of
 # 5-15 tokens, two of 2-4: a fixed period would let the model learn a positional shortcut). Every 50
 # steps we measure, on a fixed batch of 16 random tokens repeated, the loss on both halves and every
-# head's scores.
+# head's scores. The run does not depend on `MODEL` and is deterministic, so `cache=True` keeps it:
+# the same settings and code (on this or another model's run of the notebook) load it instead of
+# training again; any change to them trains afresh. `cache=False` always trains.
 
 # %%
-toy = train_induction_model(TOY_STEPS, seed=TOY_SEED)
+toy = train_induction_model(TOY_STEPS, seed=TOY_SEED, cache=True)
+print(f"toy run: {toy.meta['cache']}")
 phase_step = toy.phase_change_step()
 summary = toy.summary()
 print(summary)

@@ -286,3 +286,41 @@ def test_integrated_gradients_say_which_inputs_stay_above_the_tolerance(tiny_lla
         A.integrated_gradients(tiny_llama, [seg], A.Target(5, 9), steps=4, rtol=0.1, max_steps=2)
     with pytest.raises(TypeError, match="rtol must be a number"):
         A.integrated_gradients(tiny_llama, [seg], A.Target(5, 9), rtol="0.1")
+
+
+def test_the_shared_template_run_once_changes_no_score(monkeypatch):
+    """Inputs that share a template prefix run it once (its keys and values cached); every method
+    gives the scores of full forwards (a Hugging Face Gemma 3 model, sliding windows shorter than the prefix)."""
+    from mechlib.models import load_model
+
+    model = load_model("tiny-gemma3-3l", seed=0)
+    g = torch.Generator().manual_seed(3)
+    template = torch.randint(3, 256, (6,), generator=g)
+    segs = [
+        A.from_tokens(
+            torch.cat([template, torch.randint(3, 256, (n,), generator=g), torch.tensor([7])]),
+            attributable=range(6, 6 + n),
+        )
+        for n in (4, 4, 5)
+    ]
+    tg = A.Target(5, 9)
+    used = []
+    real = A.prefix_cache
+    monkeypatch.setattr(A, "prefix_cache", lambda m, t: used.append(len(t)) or real(m, t))
+
+    def every_method():
+        ig = A.integrated_gradients(model, segs, tg, steps=8, baseline="zero")
+        return [
+            A.occlusion(model, segs, tg),
+            A.gradient_x_input(model, segs, tg),
+            ig,
+            [A.faithfulness(model, segs, tg, ig, ks=(0.25, 0.5)).comprehensiveness],
+        ]
+
+    cached = every_method()
+    assert used and set(used) == {6}  # the template, nothing of the attributed words
+    monkeypatch.setattr(A, "_shared_prefix", lambda *a, **k: None)
+    full = every_method()
+    for xs, ys in zip(cached, full):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(getattr(x, "scores", x), getattr(y, "scores", y), rtol=1e-4, atol=1e-5)

@@ -219,3 +219,36 @@ def test_mlp_helper_reproduces_the_mlp_output(fixture, request):
 def test_mlp_helper_refuses_attention_only_models(tiny_attn):
     with pytest.raises(ValueError, match="attention-only"):
         Engine(tiny_attn).mlp(0, torch.zeros(1, 1, tiny_attn.cfg.d_model))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_a_cached_run_unembeds_only_what_is_read(fixture, request, monkeypatch):
+    """A run kept for its activations never unembeds; the last position alone unembeds one row of
+    positions; both equal the bridge's logits."""
+    from mechlib.backends import get_backend
+
+    model = request.getfixturevalue(fixture)
+    engine = Engine(model)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(2))
+    unembedded = []
+    unembed = engine.unembed
+    monkeypatch.setattr(engine, "unembed", lambda r: unembedded.append(tuple(r.shape[:-1])) or unembed(r))
+    base = engine.run(tokens)
+    _ = base["blocks.0.hook_resid_pre"]
+    assert unembedded == []
+    with torch.no_grad():
+        ref = model(tokens)
+    torch.testing.assert_close(base.last_logits(), ref[:, -1], atol=1e-5, rtol=0)
+    assert unembedded == [(2,)]
+    torch.testing.assert_close(base.logits, ref, atol=1e-5, rtol=0)
+    assert unembedded == [(2,), (2, 7)]
+    _ = base.logits, base.last_logits()  # kept: no second unembedding
+    assert unembedded == [(2,), (2, 7)]
+    # the backend's cached runs: logits on demand, the last position through last_logits
+    be = get_backend(model, "engine")
+    monkeypatch.setattr(be.engine, "unembed", lambda r: unembedded.append(tuple(r.shape[:-1])) or unembed(r))
+    runs = be.cache({"a": tokens}, ["blocks.0.hook_resid_pre"])
+    assert unembedded[2:] == []
+    torch.testing.assert_close(runs.last_logits("a"), ref[:, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(runs.logits["a"], ref, atol=1e-5, rtol=0)
+    assert unembedded[2:] == [(2,), (2, 7)] and list(runs.logits) == ["a"]

@@ -43,7 +43,7 @@ def test_equals_sklearn_at_convergence(K, C):
     assert (fit.predict(x[None])[0].numpy() == sk.predict(x.numpy())).mean() >= 0.995
 
 
-def test_problems_fitted_together_equal_each_fitted_alone():
+def test_problems_fitted_in_one_call_equal_each_fitted_alone():
     """Two feature matrices; three problems on the first (other splits, other labels), one on the second."""
     probs = [_problem(4, seed=s) for s in range(4)]
     x = torch.stack([probs[0][0], probs[3][0]])

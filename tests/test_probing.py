@@ -283,7 +283,7 @@ def test_score_pairs_and_agreement_prompts_on_smollm2(smollm2):
     assert torch.equal(data.number, torch.arange(20) % 2)
 
 
-def test_sweep_fits_its_linear_probes_together_as_fit_probe_does_alone(model):
+def test_sweep_fits_its_linear_probes_as_fit_probe_does_alone(model):
     data = _random_data(model, labels=[["a", "b", "c"][i % 3] for i in range(60 * 12)])
     hooks = probing.resid_hooks(model)[:2]
     result = probing.sweep(model, data, hooks=hooks, probes=["linear"], seeds=(0, 1), progress=False)

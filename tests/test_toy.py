@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mechlib.toy import ToyConfig, repeat_task_batch, train_induction_model
+from mechlib.toy import ToyConfig, repeat_task_batch, toy_cache_path, train_induction_model
 
 
 def test_repeat_task_batch_holds_repeats_of_random_period():
@@ -43,3 +43,32 @@ def test_phase_change_detection_on_a_synthetic_history():
     r.history[1].second = 0.4 * r.history[1].first
     assert r.phase_change_step() == 1
     assert r.phase_change_step(ratio=0.1) is None
+
+
+def test_a_cached_run_is_the_run_and_any_change_trains_afresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHLIB_CACHE", str(tmp_path))
+    cfg = ToyConfig(batch=8, eval_batch=4)
+    first = train_induction_model(6, seed=1, config=cfg, log_every=3, progress=False, cache=True)
+    assert first.meta["cache"].startswith("trained and stored")
+    path = toy_cache_path(6, seed=1, config=cfg, log_every=3)
+    assert path.is_file() and not list(path.parent.glob("*.part"))  # written whole, no leftovers
+    again = train_induction_model(6, seed=1, config=cfg, log_every=3, progress=False, cache=True)
+    assert again.meta["cache"] == f"loaded from {path}"
+    fresh = train_induction_model(6, seed=1, config=cfg, log_every=3, progress=False)  # what it stands for
+    assert "cache" not in fresh.meta
+    for a, b in ((again, first), (again, fresh)):
+        assert a.steps == b.steps and [h.second for h in a.history] == [h.second for h in b.history]
+        for name in ("induction", "previous_token"):
+            assert torch.equal(a.series(name), b.series(name))
+        assert torch.equal(a.eval_tokens, b.eval_tokens)
+        for (k, v), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), k
+    assert not again.model.training
+    # another seed, step count, config or logging interval is another run
+    others = {
+        toy_cache_path(6, seed=2, config=cfg, log_every=3),
+        toy_cache_path(7, seed=1, config=cfg, log_every=3),
+        toy_cache_path(6, seed=1, config=ToyConfig(batch=9, eval_batch=4), log_every=3),
+        toy_cache_path(6, seed=1, config=cfg, log_every=2),
+    }
+    assert path not in others and len(others) == 4

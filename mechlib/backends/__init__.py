@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 from mechlib import validate
 from mechlib.interventions import Intervention, Plan, Record, Sources, intervention_list, point_of_hook
 
-__all__ = ["Backend", "Runs", "RunSpec", "Outcome", "get_backend", "BACKENDS", "BackendUnavailableError"]
+__all__ = ["Backend", "LazyLogits", "Runs", "RunSpec", "Outcome", "get_backend", "BACKENDS", "BackendUnavailableError"]
 
 BACKENDS = ("auto", "engine", "bridge", "nnsight")
 
@@ -77,16 +78,35 @@ class RunSpec:
     interventions: Sequence[Intervention] = ()
 
 
+class LazyLogits(Mapping):
+    """``name -> [batch, pos, vocab]`` logits of cached runs that unembed on first access (the
+    engine's :class:`~mechlib.engine.BaseRun`), so runs cached for their activations never do."""
+
+    def __init__(self, runs: dict[str, Any]) -> None:
+        self._runs = runs
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._runs[name].logits
+
+    def __iter__(self):
+        return iter(self._runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
 @dataclass
 class Runs:
     """Cached base runs: ``tokens[name]``, ``logits[name]`` ``[batch, pos, vocab]``, ``acts[name][hook]``.
 
     ``native`` holds what the backend keeps for resuming (the engine's ``BaseRun`` per name);
-    ``interventions[name]`` the base run's own interventions (:class:`RunSpec`).
+    ``interventions[name]`` the base run's own interventions (:class:`RunSpec`). Read the last
+    position with :meth:`last_logits`: a backend whose logits are computed on demand (the engine)
+    then unembeds that position only.
     """
 
     tokens: dict[str, torch.Tensor]
-    logits: dict[str, torch.Tensor]
+    logits: Mapping[str, torch.Tensor]
     acts: dict[str, dict[str, torch.Tensor]]
     native: dict[str, Any] = field(default_factory=dict)
     interventions: dict[str, list[Intervention]] = field(default_factory=dict)
@@ -106,6 +126,13 @@ class Runs:
 
     def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
         return self.acts[name]
+
+    def last_logits(self, name: str) -> Float[torch.Tensor, "batch vocab"]:
+        """Run ``name``'s logits at the last position."""
+        native = self.native.get(name)
+        if native is not None and hasattr(native, "last_logits"):
+            return native.last_logits()
+        return self.logits[name][:, -1]
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mechlib.backends import Backend, Runs, RunSpec
+from mechlib.backends import Backend, LazyLogits, Runs, RunSpec
 from mechlib.engine import EditContext, Engine
 from mechlib.interventions import Intervention, Plan, Record, Site, Sources
 
@@ -54,7 +54,8 @@ class EngineBackend(Backend):
         L = self.n_layers
         keep = set(hooks) | {f"blocks.{l}.hook_resid_pre" for l in range(L)} | {f"blocks.{L - 1}.hook_resid_post"}
         keep.add("hook_embed")
-        out = Runs({}, {}, {})
+        native: dict[str, Any] = {}
+        out = Runs({}, LazyLogits(native), {}, native)
         for name, spec in runs.items():
             tokens = spec.tokens.to(self.engine.device)
             edits = None
@@ -64,9 +65,8 @@ class EngineBackend(Backend):
                 edits = {h: self._edit(plan, h, tokens.shape[1], src, {}) for h in plan.hooks}
             run = self.engine.run(tokens, edits=edits, keep=keep)
             out.tokens[name] = run.tokens
-            out.logits[name] = run.logits
             out.acts[name] = run.acts
-            out.native[name] = run
+            native[name] = run
         return out
 
     def _block(self, iv: Intervention) -> int:

@@ -416,11 +416,10 @@ class Engine:
             raise ValueError("a hook_embed edit needs tokens; edit the embed you pass instead")
         N = embed.shape[0]
         resid, kept, ks, vs = self._forward(embed, 0, 0, None, None, torch.arange(N), edits, keep_set)
-        logits = self.unembed(resid)
         if keep_set and tok_embed is not None:
             kept["hook_embed"] = tok_embed
             kept["ln_final.hook_normalized"] = self._norm(resid, self.final_rms)
-        return BaseRun(tokens, logits, kept, ks, vs)
+        return BaseRun(tokens, resid, self.unembed, kept, ks, vs)
 
     @torch.inference_mode()
     def resume(

@@ -2,7 +2,7 @@
 
 * :data:`HOOKS_PER_LAYER`: the hook names the mirror fires in each block, in forward order;
 * :class:`EditContext`: what an edit function is told about the activation it receives;
-* :class:`BaseRun`: a cached run (tokens, logits, activations, keys and values) that later runs
+* :class:`BaseRun`: a cached run (tokens, lazily unembedded logits, activations, keys and values) that later runs
   resume from.
 """
 
@@ -65,21 +65,47 @@ class BaseRun:
     ``acts[name]`` has the bridge's shape for that hook over the whole sequence;
     ``keys[l]``/``values[l]`` are the rotated keys and values ``[batch, kv_head, pos, d_head]``
     later runs attend to when they resume on a suffix.
+
+    The logits are unembedded when first read, from ``final`` (the residual after the last block):
+    :attr:`logits` every position, :meth:`last_logits` the last one only. A run cached for its
+    activations never pays for its unembedding, which on a large vocabulary (Gemma 3's 262,144
+    tokens) costs more per position than every block together.
     """
 
     tokens: Optional[torch.Tensor]
-    logits: torch.Tensor
+    final: torch.Tensor
+    unembed: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     acts: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    _logits: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def _unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        # a run cached in inference mode is unembedded in it (its tensors are inference tensors);
+        # a run with gradients (Engine.run_with_grad) keeps its graph
+        with torch.inference_mode(self.final.is_inference()):
+            return self.unembed(resid)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``[batch, pos, vocab]``, unembedded on first use and kept."""
+        if self._logits is None:
+            self._logits = self._unembed(self.final)
+        return self._logits
+
+    def last_logits(self) -> torch.Tensor:
+        """``[batch, vocab]`` at the last position, without unembedding the others."""
+        if self._logits is not None:
+            return self._logits[:, -1]
+        return self._unembed(self.final[:, -1])
 
     @property
     def n_batch(self) -> int:
-        return self.logits.shape[0]
+        return self.final.shape[0]
 
     @property
     def n_pos(self) -> int:
-        return self.logits.shape[1]
+        return self.final.shape[1]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.acts:
