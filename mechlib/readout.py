@@ -114,8 +114,10 @@ def prefix_cache(model: Model, tokens: Int[torch.Tensor, " pos"]) -> Optional[Pr
         raise ValueError(f"tokens must be [pos] (one row), got shape {tuple(tokens.shape)}")
     if tokens.numel() == 0 or not _hf_takes(model, "past_key_values"):
         return None
+    hf = model.original_model
+    device = next(hf.parameters()).device
     with torch.no_grad():
-        out = model.original_model(input_ids=tokens[None], use_cache=True)
+        out = hf(input_ids=tokens[None].to(device), use_cache=True)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
