@@ -141,18 +141,11 @@ def fit_logistic(
         raise TypeError(f"y must hold integer class indices, got dtype {y.dtype}")
     if bool((y < 0).any()) or bool((y >= K).any()):
         raise ValueError(f"y must hold class indices in 0..{K - 1}")
-    w = train.to(dtype)
-    n_train = w.sum(1)
+    n_train = train.sum(1).to(dtype)
     if bool((n_train == 0).any()):
         raise ValueError("a problem has no training rows")
     xd = x.to(dtype)
-    # per-problem standardisation over its training rows (StandardScaler: population std, 0 -> 1)
-    mean = torch.stack([(w[p, :, None] * xd[feats[p]]).sum(0) for p in range(P)]) / n_train[:, None]
-    var = torch.stack([(w[p, :, None] * (xd[feats[p]] - mean[p]) ** 2).sum(0) for p in range(P)]) / n_train[:, None]
-    std = var.sqrt()
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    onehot = torch.nn.functional.one_hot(y, K).to(dtype)
-    seen = (onehot * w[..., None]).sum(1) > 0  # [P, K] classes each problem trains on
+    seen = (torch.nn.functional.one_hot(y, K).bool() & train[..., None]).any(1)  # [P, K] classes each trains on
     if bool((seen.sum(1) < 2).any()):
         raise ValueError("a problem's training rows hold one class only; there is nothing to fit")
     # The objective divided by C * n_train: the mean loss + ||W||^2 / (2 C n). With two classes
@@ -165,10 +158,13 @@ def fit_logistic(
     n_iter = torch.zeros(P, dtype=torch.long)
     for p in tqdm(range(P), desc="logistic probes", disable=not progress, leave=False):
         rows = train[p].nonzero().flatten()
-        z = (xd[feats[p]][rows] - mean[p]) / std[p]  # standardised training rows
-        W, b, grad[p], n_iter[p] = _lbfgs(z, y[p][rows], ~seen[p], float(scale[p]), max_iter, tol)
-        weight[p] = W / std[p][:, None]
-        bias[p] = (b - (mean[p][:, None] * weight[p]).sum(0)).masked_fill(~seen[p], float("-inf"))
+        xr = xd[feats[p]][rows]
+        # StandardScaler on the training rows: population standard deviation, 0 -> 1
+        mean, std = xr.mean(0), xr.std(0, correction=0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        W, b, grad[p], n_iter[p] = _lbfgs((xr - mean) / std, y[p][rows], ~seen[p], float(scale[p]), max_iter, tol)
+        weight[p] = W / std[:, None]
+        bias[p] = (b - (mean[:, None] * weight[p]).sum(0)).masked_fill(~seen[p], float("-inf"))
     converged = grad <= tol * 10
     if not bool(converged.all()):
         warnings.warn(

@@ -17,8 +17,9 @@ Example:
 Inputs that all begin with the same tokens (a chat template, a question) need that beginning's keys
 and values once: :func:`prefix_cache` computes them for one row, and ``last_logits(..., prefix=)``
 runs only the rest of every row on top of them, through the model's own key-value cache. The
-numbers equal a full forward (tested on SmolLM2, Gemma 3 and a GPT-2-shaped model); hooks then see
-the positions after the prefix only.
+numbers equal a full forward, gradients included (tested on a small Gemma 3 whose sliding window is
+shorter than the prefix; attribution's scores with and without the prefix are compared on SmolLM2
+and Gemma 3 by ``benchmarks/attribution.py``); hooks then see the positions after the prefix only.
 
     >>> rows = model.to_tokens(["Review: great. Sentiment:", "Review: awful. Sentiment:"])  # doctest: +SKIP
     >>> pre = prefix_cache(model, rows[0, :shared_prefix_length(rows)])      # doctest: +SKIP

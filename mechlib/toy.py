@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 from jaxtyping import Int
 
+from mechlib import induction, models
 from mechlib.induction import HEAD_KINDS, head_scores, repeat_loss, repeated_tokens
 from mechlib.models import random_model
 from mechlib.results import Grid
@@ -339,8 +340,6 @@ def toy_cache_path(
     :mod:`mechlib.induction` (the measurements) and :mod:`mechlib.models` (the initialisation)."""
     import transformer_lens
 
-    from mechlib import induction, models
-
     sources = [Path(m.__file__).read_bytes() for m in (induction, models)] + [Path(__file__).read_bytes()]
     key = {
         "steps": int(steps),
@@ -353,9 +352,7 @@ def toy_cache_path(
         "sources": [hashlib.sha256(src).hexdigest() for src in sources],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    from mechlib.models import cache_dir
-
-    return cache_dir() / "toy" / f"induction-{digest}.pt"
+    return models.cache_dir() / "toy" / f"induction-{digest}.pt"
 
 
 def _store(result: ToyResult, path: Path) -> None:
