@@ -2,6 +2,7 @@
 #   make reproduce   execute every notebook on each of MODELS, offline; write reports/ (findings,
 #                    executed notebooks, index.html) and the README's findings section; print findings
 #                    e.g. make reproduce MODELS="smollm2-135m gemma3-270m" PARAMS="-p SEED=1"
+#                    (PRECISION=bfloat16: faster sweeps, each finding's difference from float32 printed)
 #   make test        ruff (lint) + unit tests + every notebook executed top to bottom on each packaged
 #                    model (quick profile), in TEST_WORKERS pytest-xdist processes
 #   make lab         JupyterLab on notebooks/ with this environment's kernel (pairs .py and .ipynb)
@@ -19,6 +20,13 @@ export PYTHONUNBUFFERED := 1
 # (after its `parameters` cell; a name every notebook defines), e.g. PARAMS="-p SEED=1".
 MODELS ?= smollm2-135m gemma3-270m
 PARAMS ?=
+# make reproduce: the engine's sweeps at float32 (the default and the reference) or bfloat16, an
+# opt-in that saves its records apart and prints each finding's difference from the float32
+# records in reports/ (mechlib/precision.py), e.g. make reproduce PRECISION=bfloat16
+PRECISION ?= float32
+# make reproduce: notebooks run at once, each kernel with cores/JOBS torch threads; a notebook that
+# reads another's findings record waits for it (python -m mechlib.runner --jobs), e.g. JOBS=2
+JOBS ?= 1
 # make test: pytest-xdist worker processes; the cores are shared between them (tests/conftest.py
 # sets MECHLIB_THREADS to each worker's share), and the notebook runs, longest first, start first.
 TEST_WORKERS ?= 2
@@ -56,7 +64,7 @@ unit: setup
 	MECHLIB_PROFILE=quick $(PY) -m pytest tests -m "not notebook"
 
 reproduce: setup
-	MECHLIB_PROFILE=full $(PY) -m mechlib.reproduce --models "$(MODELS)" $(PARAMS)
+	MECHLIB_PROFILE=full MECHLIB_PRECISION=$(PRECISION) $(PY) -m mechlib.reproduce --models "$(MODELS)" --jobs $(JOBS) $(PARAMS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -10,7 +10,12 @@ GEMM of the same shapes (``flops <achieved> peak <GEMM> (<percent>% of peak)``, 
 ``benchmarks/flopmeter.py``; its FLOPs are counted in one extra, untimed run), and last the speed
 ratio.
 
+With ``--precision bfloat16`` mechlib's tracer runs at the bfloat16 opt-in (:mod:`mechlib.precision`);
+the plain loop stays float32, so the largest difference is then the opt-in's difference from float32,
+and the peak is that of the same GEMMs in bfloat16.
+
 Usage: python benchmarks/causal_tracing.py [--facts 2] [--plain-facts 2] [--samples 10] [--corrupt block0]
+       [--precision float32|bfloat16]
 
 By default both tracers trace the same two facts, so the ratio compares like with like; the plain
 loop takes roughly ten minutes on an idle 2-core machine (about 1,000 bridge forwards a fact).
@@ -23,6 +28,7 @@ import torch
 from flopmeter import FlopMeter
 
 import mechlib
+import mechlib.precision
 from mechlib.causal_tracing import corruption_noise, trace_fact, window_layers
 from mechlib.facts import known_facts, load_facts, noise_scale, tokenize_fact
 
@@ -82,6 +88,7 @@ def main() -> None:
         default="embed",
         help="noise on the token embeddings (ROME) or after block 0 (MLP 0 as part of the embedding)",
     )
+    ap.add_argument("--precision", default="float32", choices=mechlib.precision.PRECISIONS, help="mechlib's tracer")
     args = ap.parse_args()
     threads = mechlib.set_threads()
     model = mechlib.load_model(args.model)
@@ -109,20 +116,24 @@ def main() -> None:
     for f in facts:
         print(f"  fact: {f.prompt!r} -> {f.attribute!r}, {len(model.to_tokens(f.prompt)[0])} tokens")
 
-    trace_fact(model, facts[0], **{**kw, "samples": 1, "kinds": ("resid",)})  # warm-up
+    def trace(f, **extra):
+        with mechlib.precision.use(args.precision):
+            return trace_fact(model, f, **{**kw, **extra})
+
+    trace(facts[0], samples=1, kinds=("resid",))  # warm-up
     t = time.perf_counter()
-    fast = [trace_fact(model, f, **kw) for f in facts[: args.facts]]
+    fast = [trace(f) for f in facts[: args.facts]]
     t_fast = time.perf_counter() - t
     cells = sum(3 * model.cfg.n_layers * len(tr.str_tokens) for tr in fast)
     print(
-        f"mechlib ({fast[0].backend} backend): {len(fast)} facts in {t_fast:.1f} s = {len(fast) / t_fast:.4f} facts/s "
+        f"mechlib ({fast[0].backend} backend, {args.precision}): {len(fast)} facts in {t_fast:.1f} s = {len(fast) / t_fast:.4f} facts/s "
         f"({cells * args.samples / t_fast:.0f} restored sequences/s)"
     )
 
     meter = FlopMeter()
     with meter.count():
         for f in facts[: args.facts]:
-            trace_fact(model, f, **kw)
+            trace(f)
     print(f"mechlib executed {meter.summary()}")
 
     t = time.perf_counter()

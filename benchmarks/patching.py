@@ -13,7 +13,12 @@ hour on 2 CPU cores), so by default both sides sweep every third layer (0, 3, ..
 1,350 cells), all 9 heads and all positions. ``--layers all`` sweeps all 30 (mechlib alone takes
 seconds; TL ~1 hour).
 
+With ``--precision bfloat16`` mechlib's sweep runs at the bfloat16 opt-in (:mod:`mechlib.precision`);
+TransformerLens stays float32, so ``max_abs_diff`` is then the opt-in's largest difference from float32,
+and the peak is that of the same GEMMs in bfloat16.
+
 Usage: python benchmarks/patching.py [--model smollm2-135m] [--n 4] [--layer-step 3] [--layers all|0,14,27]
+       [--precision float32|bfloat16]
 On a machine shared with other jobs, MECHLIB_THREADS=1 avoids thread oversubscription (which slows the
 bridge's many small ops far more than the engine's few large ones).
 """
@@ -26,6 +31,7 @@ import torch
 from flopmeter import FlopMeter
 
 import mechlib
+import mechlib.precision
 from mechlib.ioi import make_ioi_dataset
 from mechlib.metrics import ioi_metric
 from mechlib.patching import patch
@@ -38,6 +44,7 @@ def main() -> None:
     ap.add_argument("--layer-step", type=int, default=3, help="sweep layers 0, step, 2*step, ...")
     ap.add_argument("--layers", default=None, help="'all', or comma-separated layers (overrides --layer-step)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="float32", choices=mechlib.precision.PRECISIONS, help="mechlib's sweep")
     args = ap.parse_args()
     mechlib.set_threads()
     from transformer_lens import patching as tl_patching
@@ -64,13 +71,24 @@ def main() -> None:
         f"{T} positions = {len(layers) * H * T} cells x {B} prompts; metric: IO-S logit diff (raw), denoising"
     )
 
+    def sweep():
+        with mechlib.precision.use(args.precision):
+            return patch(
+                model,
+                ds.tokens,
+                ds.corrupted_tokens,
+                metric,
+                "head_out_by_pos",
+                layers=layers,
+                normalise=False,
+                progress=False,
+            )
+
     t0 = time.perf_counter()
-    ours = patch(
-        model, ds.tokens, ds.corrupted_tokens, metric, "head_out_by_pos", layers=layers, normalise=False, progress=False
-    )
+    ours = sweep()
     t_ours = time.perf_counter() - t0
     print(
-        f"mechlib.patching.patch: {t_ours:.2f} s ({ours.meta['calls']} engine calls); "
+        f"mechlib.patching.patch ({args.precision}): {t_ours:.2f} s ({ours.meta['calls']} engine calls); "
         f"clean {ours.meta['clean']:.3f}, corrupted {ours.meta['corrupted']:.3f}"
     )
 
@@ -113,16 +131,7 @@ def main() -> None:
     print(f"mechlib {t_ours:.2f} s, transformer_lens {t_tl:.2f} s")
     meter = FlopMeter()
     with meter.count():
-        patch(
-            model,
-            ds.tokens,
-            ds.corrupted_tokens,
-            metric,
-            "head_out_by_pos",
-            layers=layers,
-            normalise=False,
-            progress=False,
-        )
+        sweep()
     print(f"mechlib executed {meter.summary()}")
     print(meter.line(t_ours))
     print(f"ratio {t_tl / t_ours:.1f} max_abs_diff {diff:.2e}")

@@ -64,7 +64,7 @@ def head_attention(
     q = validate.prompt_positions(query, B, T, "query")
     key_pos = {k: validate.prompt_positions(v, B, T, f"keys[{k!r}]") for k, v in keys.items()}
     names = {f"blocks.{l}.attn.hook_pattern" for l, _ in hs}
-    engine = get_engine(model)
+    engine = get_engine(model, "float32")  # patterns as the bridge computes them, whatever the precision
     if engine is not None:
         acts = engine.run(tokens, keep=names).acts
     else:

@@ -107,7 +107,7 @@ class GraphModel:
     """
 
     def __init__(self, model: Model) -> None:
-        eng = get_engine(model)
+        eng = get_engine(model, "float32")  # gradients and edge scores stay float32 (mechlib.precision)
         if eng is None:
             raise ValueError(
                 f"{model.cfg.model_name}: mechlib.engine cannot mirror this architecture, so edge "
@@ -433,7 +433,7 @@ _GRAPH_MODELS: dict[int, tuple[Any, GraphModel, tuple]] = {}
 
 def graph_model(model: Model) -> GraphModel:
     """The model's :class:`GraphModel` (rebuilt when the engine is)."""
-    eng = get_engine(model)
+    eng = get_engine(model, "float32")
     hit = _GRAPH_MODELS.get(id(model))
     if hit is not None and hit[0] is eng:
         return hit[1]

@@ -68,7 +68,11 @@ from jaxtyping import Int
 from mechlib import validate
 from mechlib.attention import head_attention  # re-exported: it lives in mechlib.attention
 from mechlib.backends import Backend, Runs, backend_arg, get_backend
-from mechlib.circuits import CircuitScore, evaluate_circuit  # re-exported: they live in mechlib.circuits
+from mechlib.circuits import (  # re-exported: they live in mechlib.circuits
+    CircuitEvaluator,
+    CircuitScore,
+    evaluate_circuit,
+)
 from mechlib.interventions import Intervention, Patch, Site, point_of_hook
 from mechlib.metrics import Metric, as_metric
 from mechlib.results import Grid, PromptGrid, head_label
@@ -90,6 +94,7 @@ __all__ = [
     "metric_scale",
     "head_attention",
     "evaluate_circuit",
+    "CircuitEvaluator",
     "CircuitScore",
 ]
 

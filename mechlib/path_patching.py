@@ -35,7 +35,8 @@ and ``1 - value`` is the fraction of the clean-minus-corrupted difference that f
 
 Each sender set is an intervention list (:mod:`mechlib.interventions`) run on any backend
 (:mod:`mechlib.backends`). Sweeps over many sender sets (:func:`path_patch_sweep`: every head as a
-sender) batch the sets as rows of few calls; on the engine they are grouped by the sender layer and
+sender; :func:`path_patch_many`: chosen sets, e.g. a class and its controls) batch the sets as rows
+of few calls, on runs cached once; on the engine they are grouped by the sender layer and
 resume from the base run at that layer.
 
 Example:
@@ -61,7 +62,7 @@ from mechlib.results import head_label
 from mechlib.stats import Estimate, mean_ci
 from mechlib.types import Model
 
-__all__ = ["path_patch", "path_patch_sweep", "PathPatchResult", "normalize_receivers"]
+__all__ = ["path_patch", "path_patch_many", "path_patch_sweep", "PathPatchResult", "normalize_receivers"]
 
 HeadLike = Union[str, tuple[int, int]]
 
@@ -228,6 +229,30 @@ class _PathPatcher:
         means = [float(v.mean()) for v in scaled]
         return means, (scaled.float() if scaled.ndim == 2 else None)
 
+    def results(self, sets: list[list[tuple[int, int]]]) -> list["PathPatchResult"]:
+        """One :class:`PathPatchResult` per sender set (each set's heads patched together)."""
+        for s in sets:
+            if not self.to_logits and min(l for l, _ in s) >= max(self.receivers):
+                raise ValueError(
+                    f"no path from senders {[head_label(*h) for h in s]} to receivers {self.receiver_labels}: every "
+                    "sender is in the receivers' layer or above, so it cannot reach their inputs; pick senders in "
+                    "earlier layers (or receivers='logits')"
+                )
+        values, per = self.run(sets)
+        return [
+            PathPatchResult(
+                values[i],
+                self.vc,
+                self.vk,
+                [head_label(*h) for h in s],
+                "logits" if self.to_logits else self.receiver_labels,
+                self.component,
+                self.meta(),
+                per_prompt=None if per is None else per[i],
+            )
+            for i, s in enumerate(sets)
+        ]
+
 
 def path_patch(
     model: Model,
@@ -281,24 +306,49 @@ def path_patch(
         normalise,
         backend_arg(backend, use_engine, "path_patch"),
     )
-    s = validate.head_specs(model, senders, "senders")
-    if not pp.to_logits and min(l for l, _ in s) >= max(pp.receivers):
-        raise ValueError(
-            f"no path from senders {[head_label(*h) for h in s]} to receivers {pp.receiver_labels}: every sender is in "
-            "the receivers' layer or above, so it cannot reach their inputs; pick senders in earlier layers "
-            "(or receivers='logits')"
-        )
-    values, per = pp.run([s])
-    return PathPatchResult(
-        values[0],
-        pp.vc,
-        pp.vk,
-        [head_label(*h) for h in s],
-        "logits" if pp.to_logits else pp.receiver_labels,
-        pp.component,
-        pp.meta(),
-        per_prompt=None if per is None else per[0],
+    return pp.results([validate.head_specs(model, senders, "senders")])[0]
+
+
+def path_patch_many(
+    model: Model,
+    clean: Int[torch.Tensor, "batch pos"],
+    corrupted: Int[torch.Tensor, "batch pos"],
+    metric: Union[Metric, Callable],
+    sender_sets: Sequence[Union[HeadLike, Sequence[HeadLike]]],
+    receivers: Union[str, Sequence[HeadLike]] = "logits",
+    *,
+    component: str = "q",
+    direction: str = "noise",
+    freeze_mlps: bool = False,
+    normalise: bool = True,
+    backend: Union[str, Backend] = "auto",
+) -> list[PathPatchResult]:
+    """:func:`path_patch` for several sender sets into the same receivers (e.g. a class of heads
+    and its random controls): the clean and corrupted runs are cached once and every set's steps
+    run as one batch of intervention lists. Equal to one :func:`path_patch` call per set.
+
+    Args:
+        sender_sets: One entry per result, each heads patched together (``["L7H3", (8, 6)]``).
+        Others as in :func:`path_patch`.
+
+    Returns:
+        One :class:`PathPatchResult` per sender set, in order.
+
+    Example:
+        >>> found, *controls = path_patch_many(model, ds.tokens, ds.corrupted_tokens, metric,
+        ...                                    [["L7H3", "L8H6"], ["L7H1", "L8H2"]], ["L9H6"])  # doctest: +SKIP
+    """
+    flat = any(
+        isinstance(c, str) or (isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) for x in c))
+        for c in (sender_sets if isinstance(sender_sets, Sequence) and not isinstance(sender_sets, str) else [])
     )
+    if isinstance(sender_sets, str) or not isinstance(sender_sets, Sequence) or not sender_sets or flat:
+        raise TypeError(
+            f"sender_sets must be a non-empty list of sender sets (each a list of heads), got {sender_sets!r:.80}; "
+            "patch one set with path_patch"
+        )
+    pp = _PathPatcher(model, clean, corrupted, metric, receivers, component, direction, freeze_mlps, normalise, backend)
+    return pp.results([validate.head_specs(model, s, f"sender_sets[{i}]") for i, s in enumerate(sender_sets)])
 
 
 def path_patch_sweep(

@@ -49,7 +49,7 @@ def gather_all(
     rows, _ = gather(reports)
     if names is not None:
         keep = set(names)
-        rows = [r for r in rows if record_stem(r["notebook"], r["model"]) in keep]
+        rows = [r for r in rows if record_stem(r["notebook"], r["model"], r.get("precision")) in keep]
     return rows, render_by_model(rows)
 
 
@@ -214,7 +214,7 @@ def update_readme(
     reports = Path(reports) if reports is not None else reports_dir()
     readme = Path(readme) if readme is not None else REPO / "README.md"
     if not complete:
-        return "README not rewritten: only a run of every notebook with no injected parameter rewrites it"
+        return "README not rewritten: only a run of every notebook with no injected parameter, at float32, rewrites it"
     text = readme.read_text(encoding="utf-8")
     if (
         text.count(README_START) != 1

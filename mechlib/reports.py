@@ -28,12 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import mechlib.precision
 from mechlib.stats import Estimate
 
 __all__ = [
     "Finding",
     "FindingsRecord",
     "across_models",
+    "compare_precisions",
     "gather",
     "profile",
     "quick",
@@ -70,10 +72,14 @@ def reports_dir() -> Path:
     return here / "reports"
 
 
-def record_stem(notebook: str, model: str) -> str:
+def record_stem(notebook: str, model: str, precision: Optional[str] = None) -> str:
     """``<notebook>--<model>``: the file stem of a findings record and of an executed notebook
-    (a ``/`` in a model name becomes ``_``)."""
-    return f"{notebook}--{str(model).replace('/', '_')}"
+    (a ``/`` in a model name becomes ``_``). A run at a precision other than float32 (the
+    ``bfloat16`` opt-in, :mod:`mechlib.precision`; default the one in force) adds
+    ``--<precision>``, so its records never overwrite float32's."""
+    precision = mechlib.precision.resolve(precision)
+    stem = f"{notebook}--{str(model).replace('/', '_')}"
+    return stem if precision == mechlib.precision.REFERENCE else f"{stem}--{precision}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -182,6 +188,7 @@ class FindingsRecord:
                 "notebook": self.notebook,
                 "model": self.model,
                 "profile": profile(),
+                "precision": mechlib.precision.current(),
                 "parameters": self.parameters,
                 "findings": [asdict(f) for f in self.findings],
             }
@@ -423,20 +430,34 @@ def render_across_models(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _precision_of(record: dict[str, Any]) -> str:
+    return record.get("precision") or mechlib.precision.REFERENCE  # records from before the setting: float32
+
+
 def gather(folder: Optional[Path] = None) -> tuple[list[dict[str, Any]], str]:
     """Collect ``<reports>/findings/*.json`` into ``findings.json`` and ``findings.md`` (where
-    several models ran, the table with a column per model comes first).
+    several models ran, the table with a column per model comes first). Only the records of the
+    precision in force are gathered (float32 by default; :mod:`mechlib.precision`).
 
     Returns:
         The flat list of findings rows and the Markdown table.
     """
     root = Path(folder) if folder is not None else reports_dir()
     rows: list[dict[str, Any]] = []
+    precision = mechlib.precision.current()
     for path in sorted((root / "findings").glob("*.json")):
         record = json.loads(path.read_text())
+        if _precision_of(record) != precision:
+            continue
         for f in record["findings"]:
             rows.append(
-                {"notebook": record["notebook"], "model": record["model"], "profile": record.get("profile"), **f}
+                {
+                    "notebook": record["notebook"],
+                    "model": record["model"],
+                    "profile": record.get("profile"),
+                    "precision": precision,
+                    **f,
+                }
             )
     table = render_table(rows)
     root.mkdir(parents=True, exist_ok=True)
@@ -446,3 +467,94 @@ def gather(folder: Optional[Path] = None) -> tuple[list[dict[str, Any]], str]:
     across = "## What holds across models\n\n" + render_across_models(rows) + "\n" if several else ""
     (root / "findings.md").write_text("# Findings\n\n" + across + per_model + table)
     return rows, table
+
+
+def _numbers_apart(a: Any, b: Any) -> tuple[Optional[float], bool]:
+    """The largest absolute difference between the numbers of two measurements of the same
+    shape, and whether everything else (labels, shapes) is equal. ``(None, equal)`` where
+    neither holds a number."""
+    if isinstance(a, bool) or isinstance(b, bool) or not all(isinstance(v, (int, float)) for v in (a, b)):
+        if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+            parts = [_numbers_apart(a[k], b[k]) for k in a]
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            parts = [_numbers_apart(x, y) for x, y in zip(a, b)]
+        else:
+            return None, a == b
+        diffs = [d for d, _ in parts if d is not None]
+        return (max(diffs) if diffs else None), all(same for _, same in parts)
+    return abs(float(a) - float(b)), True
+
+
+def compare_precisions(
+    folder: Optional[Path] = None, names: Optional[list[str]] = None, precision: Optional[str] = None
+) -> tuple[list[dict[str, Any]], str]:
+    """Every finding of a run at ``precision`` (default: the one in force) beside the float32
+    record of the same notebook and model in ``<folder>/findings``: the largest difference
+    between their measured values (and interval ends), and whether the claim's verdict moved.
+
+    Args:
+        folder: The reports folder (default :func:`reports_dir`).
+        names: Only these records (``record_stem(notebook, model)`` stems without the
+            precision); default every record at ``precision``.
+        precision: The precision compared with float32.
+
+    Returns:
+        One row per finding (``notebook``, ``model``, ``claim``, ``float32``, ``<precision>``,
+        ``max_abs_diff``, ``same_labels``, ``holds_float32``, ``holds``; ``reference`` is
+        ``None`` where no float32 record has the claim) and the rows as text, ending with the
+        largest difference seen.
+    """
+    precision = mechlib.precision.resolve(precision)
+    root = Path(folder) if folder is not None else reports_dir()
+    rows: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for path in sorted((root / "findings").glob("*.json")):
+        record = json.loads(path.read_text())
+        if _precision_of(record) != precision or precision == mechlib.precision.REFERENCE:
+            continue
+        stem = record_stem(record["notebook"], record["model"], mechlib.precision.REFERENCE)
+        if names is not None and stem not in names:
+            continue
+        ref_path = root / "findings" / f"{stem}.json"
+        ref = json.loads(ref_path.read_text()) if ref_path.is_file() else None
+        if ref is not None and _precision_of(ref) != mechlib.precision.REFERENCE:
+            ref = None
+        if ref is None:
+            missing.append(stem)
+        by_claim = {f["claim"]: f for f in (ref or {}).get("findings", [])}
+        for f in record["findings"]:
+            r = by_claim.get(f["claim"])
+            row = {"notebook": record["notebook"], "model": record["model"], "claim": f["claim"]}
+            row.update({precision: f["measured"], "holds": f["holds"]})
+            if r is None:
+                row.update({"float32": None, "max_abs_diff": None, "same_labels": None, "holds_float32": None})
+            else:
+                diff, same = _numbers_apart(r["measured"], f["measured"])
+                if r.get("interval") and f.get("interval"):
+                    ends = [_numbers_apart(r["interval"][k], f["interval"][k])[0] for k in ("low", "high")]
+                    diff = max([d for d in [diff, *ends] if d is not None], default=None)
+                row.update({"float32": r["measured"], "max_abs_diff": diff, "same_labels": same})
+                row["holds_float32"] = r["holds"]
+            rows.append(row)
+    lines = [f"{precision} against float32 (largest absolute difference per finding; verdicts that moved marked !)"]
+    for row in rows:
+        if row["holds_float32"] is None:
+            lines.append(f"  {row['notebook']} / {row['model']} / {row['claim']}: no float32 record")
+            continue
+        d = "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.3g}"
+        labels = "" if row["same_labels"] else ", labels differ"
+        moved = "" if row["holds"] == row["holds_float32"] else f" ! holds {row['holds_float32']} -> {row['holds']}"
+        lines.append(f"  {row['notebook']} / {row['model']} / {row['claim']}: {d}{labels}{moved}")
+    diffs = [r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None]
+    moved = sum(r["holds_float32"] is not None and r["holds"] != r["holds_float32"] for r in rows)
+    lines.append(
+        f"largest difference {max(diffs):.3g} over {len(diffs)} numeric findings; {moved} verdict(s) moved"
+        if diffs
+        else "no finding to compare"
+    )
+    if missing:
+        lines.append(
+            f"no float32 record for {', '.join(missing)} in {root / 'findings'}: run the same notebooks at float32 "
+            "into this reports folder (make reproduce) to compare"
+        )
+    return rows, "\n".join(lines)

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import mechlib.precision
 from mechlib import publish
-from mechlib.reports import record_stem, reports_dir
+from mechlib.reports import compare_precisions, record_stem, reports_dir
 
 __all__ = [
     "Run",
@@ -221,6 +224,7 @@ def execute_notebook(
     parameters: Optional[dict[str, Any]] = None,
     reports: Optional[Path] = None,
     timeout: int = 3600,
+    threads: Optional[int] = None,
 ) -> Run:
     """Run the notebook ``path`` names (its ``.py`` source) top to bottom in a fresh kernel,
     whose cwd is the notebook's folder and whose ``$MECHLIB_REPORTS`` is ``reports``.
@@ -232,6 +236,8 @@ def execute_notebook(
         reports: The reports folder the notebook's findings record is saved under; default
             :func:`~mechlib.reports.reports_dir`.
         timeout: Seconds a single cell may take.
+        threads: The kernel's ``$MECHLIB_THREADS`` (torch's intra-op threads); default this
+            process's environment.
 
     Returns:
         The :class:`Run`; its ``error`` says what failed (the executed copy holds the traceback).
@@ -254,6 +260,8 @@ def execute_notebook(
     run.executed = out_dir / f"{run.name}.ipynb"
     (reports / "findings" / f"{run.name}.json").unlink(missing_ok=True)  # a crash must not leave an old record
     env = {**os.environ, "MECHLIB_REPORTS": str(reports)}
+    if threads is not None:
+        env["MECHLIB_THREADS"] = str(int(threads))
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(source.parent)}}
     )
@@ -279,6 +287,13 @@ def error_summary(e: BaseException, limit: int = 3000) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def notebook_dependencies(path: Path) -> set[str]:
+    """The notebooks whose findings records the notebook ``path`` reads
+    (``FindingsRecord.load("02_ioi_circuit", MODEL)``): on the same model, they run before it."""
+    source = _pair(Path(path))[0].read_text(encoding="utf-8")
+    return set(re.findall(r"FindingsRecord\.load\(\s*[\"'](\w+)[\"']", source))
+
+
 def run_notebooks(
     paths: Sequence[Path],
     *,
@@ -286,36 +301,81 @@ def run_notebooks(
     parameters: Optional[dict[str, Any]] = None,
     reports: Optional[Path] = None,
     timeout: int = 3600,
+    jobs: int = 1,
     log=print,
 ) -> list[Run]:
     """Execute every notebook (once per model where ``models`` is given, with ``MODEL`` injected),
     keeping going past failures.
 
+    Args:
+        jobs: How many notebooks run at once, each in its own kernel. With more than one, each
+            kernel gets ``cores // jobs`` torch threads (unless ``$MECHLIB_THREADS`` says
+            otherwise), runs start in the given order, and a notebook that reads the findings
+            record of one listed before it (:func:`notebook_dependencies`) starts after that one
+            has ended on the same model, so the records read are those of a run one at a time.
+
+    Returns:
+        The runs, in the order of ``paths`` x ``models`` whatever order they ended in.
+
     Raises:
         ValueError: ``MODEL`` both in ``parameters`` and through ``models``; bad parameters for any
-            notebook (checked for all of them before the first one runs).
+            notebook (checked for all of them before the first one runs); ``jobs`` below 1.
     """
     parameters = dict(parameters or {})
     models = list(models or [])
     if models and "MODEL" in parameters:
         raise ValueError("give the model either as -p MODEL=... or through --models, not both")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a whole number of at least 1, got {jobs!r}")
     plans = [(Path(p), {**parameters, **({"MODEL": m} if m else {})}) for p in paths for m in (models or [None])]
     for path, params in plans:  # every injection is checked before anything runs
         inject_parameters(load_notebook(path), params, where=_pair(path)[0].name)
-    runs = []
-    for path, params in plans:
+    threads = None
+    if jobs > 1 and not os.environ.get("MECHLIB_THREADS"):
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def start(i: int) -> Run:
+        path, params = plans[i]
         shown = " ".join(f"{k}={v!r}" for k, v in params.items())
         log(f"== {_pair(path)[0].stem} {shown}".rstrip())
-        run = execute_notebook(path, parameters=params, reports=reports, timeout=timeout)
-        log(f"   {'ok' if run.ok else 'FAILED'} in {run.seconds:.0f} s -> {run.executed}")
+        return execute_notebook(path, parameters=params, reports=reports, timeout=timeout, threads=threads)
+
+    def finished(run: Run) -> None:
+        where = f" ({run.name})" if jobs > 1 else ""
+        log(f"   {'ok' if run.ok else 'FAILED'}{where} in {run.seconds:.0f} s -> {run.executed}")
         if not run.ok:
             log(f"   {run.error}")
-        runs.append(run)
-    return runs
+
+    if jobs == 1:
+        runs = []
+        for i in range(len(plans)):
+            runs.append(start(i))
+            finished(runs[-1])
+        return runs
+
+    stems = [_pair(path)[0].stem for path, _ in plans]
+    needs = {
+        i: {j for j in range(i) if plans[j][1].get("MODEL") == plans[i][1].get("MODEL") and stems[j] in deps}
+        for i, deps in ((i, notebook_dependencies(plans[i][0])) for i in range(len(plans)))
+    }
+    done: dict[int, Run] = {}
+    running: dict[concurrent.futures.Future, int] = {}
+    waiting = list(range(len(plans)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        while waiting or running:
+            for i in [i for i in waiting if needs[i] <= done.keys()][: jobs - len(running)]:
+                waiting.remove(i)
+                running[pool.submit(start, i)] = i
+            ended, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in ended:
+                done[running.pop(future)] = run = future.result()
+                finished(run)
+    return [done[i] for i in range(len(plans))]
 
 
-def time_table(runs: Iterable[Run]) -> str:
-    """Seconds per notebook (rows) and model (columns), as a plain-text table."""
+def time_table(runs: Iterable[Run], wall: Optional[float] = None) -> str:
+    """Seconds per notebook (rows) and model (columns), as a plain-text table; ``wall``: the
+    whole run's wall time, printed beside the sum where notebooks ran side by side."""
     runs = list(runs)
     models = list(dict.fromkeys(r.model for r in runs))
     notebooks = list(dict.fromkeys(r.notebook for r in runs))
@@ -326,7 +386,7 @@ def time_table(runs: Iterable[Run]) -> str:
     for n in notebooks:
         lines.append(n.ljust(width) + "".join(f"  {cell.get((n, m), '-'):>{w}}" for m, w in zip(models, cols)))
     total = sum(r.seconds for r in runs)
-    lines.append(f"total {total:.0f} s")
+    lines.append(f"total {total:.0f} s" + ("" if wall is None else f" of notebook time in {wall:.0f} s of wall time"))
     return "\n".join(lines)
 
 
@@ -352,6 +412,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds a single cell may take")
     parser.add_argument("--no-html", action="store_true", help="do not write <reports>/index.html")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="notebooks run at once, each kernel with cores/jobs torch threads (default 1: one at a time)",
+    )
     return parser
 
 
@@ -364,7 +430,11 @@ def main(argv: Optional[Iterable[str]] = None, *, readme: bool = False, prog: st
     reports = args.reports or reports_dir()
     try:
         parameters = dict(parse_parameter(p) for p in args.parameter)
-        runs = run_notebooks(paths, models=models, parameters=parameters, reports=reports, timeout=args.timeout)
+        t0 = time.perf_counter()
+        runs = run_notebooks(
+            paths, models=models, parameters=parameters, reports=reports, timeout=args.timeout, jobs=args.jobs
+        )
+        wall = time.perf_counter() - t0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -375,10 +445,16 @@ def main(argv: Optional[Iterable[str]] = None, *, readme: bool = False, prog: st
     if not args.no_html:
         print(f"notebooks and findings as HTML: {publish.write_index(reports, runs)}")
     if readme:
-        complete = not args.notebooks and not parameters
+        complete = not args.notebooks and not parameters and mechlib.precision.current() == mechlib.precision.REFERENCE
         print(publish.update_readme(reports, complete=complete, names=[r.name for r in runs]))
     print()
-    print(time_table(runs))
+    print(time_table(runs, wall if args.jobs > 1 else None))
+    if mechlib.precision.current() != mechlib.precision.REFERENCE:
+        names = [record_stem(r.notebook, r.model, mechlib.precision.REFERENCE) for r in runs]
+        _, text = compare_precisions(reports, names)
+        print()
+        print(text)
+        (Path(reports) / f"precision-{mechlib.precision.current()}.txt").write_text(text + "\n")
     failures = [r.name for r in runs if not r.ok]
     if failures:
         print(f"notebooks that failed: {', '.join(failures)}")

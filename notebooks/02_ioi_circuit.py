@@ -65,8 +65,8 @@ from mechlib.induction import head_scores, repeated_tokens
 from mechlib.ioi import ioi_baseline, make_ioi_dataset
 from mechlib.logit_attribution import direct_logit_attribution, ioi_logit_attribution
 from mechlib.metrics import ioi_metric
-from mechlib.patching import evaluate_circuit, head_attention, patch
-from mechlib.path_patching import path_patch, path_patch_sweep
+from mechlib.patching import CircuitEvaluator, head_attention, patch
+from mechlib.path_patching import path_patch, path_patch_many, path_patch_sweep
 from mechlib.reports import FindingsRecord
 from mechlib.results import head_label
 from mechlib.stats import mean_ci, paired_pvalue
@@ -213,13 +213,14 @@ print("S-inhibition-like heads:", ", ".join(head_label(*h) for h in SINH) or "no
 # The class together, through the name movers' queries only; and a control: as many random heads
 # from the same layers (none of the class).
 # on the held-out prompts: the heads were chosen on `ds`
-sinh_path = path_patch(model, held.tokens, held.corrupted_tokens, held_metric, SINH, [head_label(*h) for h in NM], component="q") if SINH else None
 rng = random.Random(SEED)
-controls, ctrl_results = [], []
-for _ in range(3 if SINH else 0):  # no S-inhibition heads: nothing to measure or control
-    ctrl = [(l, rng.choice([h for h in range(cfg.n_heads) if (l, h) not in SINH])) for l, _ in SINH]
-    ctrl_results.append(path_patch(model, held.tokens, held.corrupted_tokens, held_metric, ctrl, [head_label(*h) for h in NM], component="q"))
-    controls.append(ctrl_results[-1].effect)
+sinh_path, ctrl_results = None, []
+if SINH:  # no S-inhibition heads: nothing to measure or control
+    ctrls = [[(l, rng.choice([h for h in range(cfg.n_heads) if (l, h) not in SINH])) for l, _ in SINH] for _ in range(3)]
+    # the class and its controls in one call: the held-out runs are cached once for all four
+    sinh_path, *ctrl_results = path_patch_many(model, held.tokens, held.corrupted_tokens, held_metric, [SINH] + ctrls,
+                                               [head_label(*h) for h in NM], component="q")
+controls = [r.effect for r in ctrl_results]
 print(sinh_path)
 if SINH:
     print(f"S-inhibition class -> name-mover queries carries {sinh_path.effect:.1%} of the clean-corrupted difference; "
@@ -304,10 +305,11 @@ for name, r in routes.items():
 # %%
 CIRCUIT = sorted(set(NM + NEG + SSUP + classes["other direct"] + SINH + IND + DUP + PREV))
 groups = held.template_ids.tolist()  # on the held-out prompts: the circuit was found on `ds`
-circ = evaluate_circuit(model, held.tokens, CIRCUIT, held_metric, reference=held.corrupted_tokens, groups=groups)
+# the means over the ABC prompts and the intact run are computed once for every circuit scored here
+score = CircuitEvaluator(model, held.tokens, held_metric, reference=held.corrupted_tokens, groups=groups)
+circ = score(CIRCUIT)
 rng = random.Random(SEED + 1)
-rand_circuits = [evaluate_circuit(model, held.tokens, rng.sample(ALL, len(CIRCUIT)), held_metric,
-                                 reference=held.corrupted_tokens, groups=groups) for _ in range(N_RANDOM)]
+rand_circuits = score.many([rng.sample(ALL, len(CIRCUIT)) for _ in range(N_RANDOM)])
 rand = [r.faithfulness for r in rand_circuits]
 # per prompt, on the intact model's mean logit difference as the unit (CircuitScore.faithfulness_ci)
 faith = circ.per_prompt / circ.model_value
@@ -322,8 +324,7 @@ print(f"faithfulness {circ.faithfulness_ci()}; minus the random circuits' mean {
 print(circ)
 print(f"random circuits of {len(CIRCUIT)} heads: faithfulness {', '.join(f'{r:.2f}' for r in rand)} "
       f"(mean {sum(rand) / len(rand):.2f})")
-no_nm = evaluate_circuit(model, held.tokens, [h for h in CIRCUIT if h not in NM], held_metric,
-                         reference=held.corrupted_tokens, groups=groups)
+no_nm = score([h for h in CIRCUIT if h not in NM])
 print(f"circuit without its name movers: faithfulness {no_nm.faithfulness:.2f}")
 
 # %% [markdown]

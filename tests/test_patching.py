@@ -264,6 +264,28 @@ def test_path_patching_equals_a_hand_built_direct_path(tiny_llama, backend):
     assert torch.isnan(sweep.values[1]).all()  # no path from layer 1 into layer 1
 
 
+@pytest.mark.parametrize("receivers", [["L1H2", "L1H0"], "logits"])
+def test_path_patch_many_equals_one_call_per_sender_set(tiny_llama, receivers):
+    from mechlib.path_patching import path_patch_many
+
+    clean, corrupted = _pair(tiny_llama, seed=9)
+    metric = Metric(lambda lg: lg[:, -1, 3] - lg[:, -1, 5], last_only=True)
+    sets = [["L0H1"], ["L0H0", "L0H3"], [(0, 2)]]
+    if receivers == "logits":
+        sets.append(["L1H1"])
+    many = path_patch_many(tiny_llama, clean, corrupted, metric, sets, receivers)
+    for s, r in zip(sets, many, strict=True):
+        alone = path_patch(tiny_llama, clean, corrupted, metric, s, receivers)
+        assert r.senders == alone.senders and r.receivers == alone.receivers
+        assert r.value == pytest.approx(alone.value, abs=1e-5)
+        assert torch.allclose(r.per_prompt, alone.per_prompt, atol=1e-5)
+    assert len({round(r.value, 4) for r in many}) == len(sets), "different senders must differ"
+    with pytest.raises(TypeError, match="each a list of heads"):
+        path_patch_many(tiny_llama, clean, corrupted, metric, ["L0H1", "L0H2"], receivers)
+    with pytest.raises(ValueError, match="sender_sets\\[1\\]"):
+        path_patch_many(tiny_llama, clean, corrupted, metric, [["L0H1"], ["L9H0"]], receivers)
+
+
 def test_path_patching_to_logits_and_kv_receivers(tiny_llama):
     model = tiny_llama
     clean, corrupted = _pair(model, seed=8)
@@ -364,6 +386,36 @@ def test_evaluate_circuit(tiny_attn):
     assert whole.faithfulness == pytest.approx(1.0, abs=1e-5)
     part = evaluate_circuit(tiny_attn, clean, every[:2], metric, reference=corrupted, groups=[0, 0, 1, 1])
     assert part.per_prompt.shape == (4,) and abs(part.circuit_value - part.model_value) > 1e-4
+
+
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+def test_circuit_evaluator_equals_one_call_per_circuit_and_computes_means_once(tiny_llama, backend, monkeypatch):
+    import mechlib.circuits as circuits
+    from mechlib.patching import CircuitEvaluator, evaluate_circuit
+
+    clean, corrupted = _pair(tiny_llama, batch=4, seed=3)
+    metric = Metric(lambda lg: lg[:, -1, 3] - lg[:, -1, 5], last_only=True)
+    every = [(l, h) for l in range(2) for h in range(tiny_llama.cfg.n_heads)]
+    wanted = [every, every[:2], ["L1H1", "L0H0", "L0H3"]]
+    alone = [
+        evaluate_circuit(tiny_llama, clean, c, metric, reference=corrupted, groups=[0, 0, 1, 1], backend=backend)
+        for c in wanted
+    ]
+    calls = []
+    real = circuits.head_means
+    monkeypatch.setattr(circuits, "head_means", lambda *a, **k: calls.append(1) or real(*a, **k))
+    score = CircuitEvaluator(tiny_llama, clean, metric, reference=corrupted, groups=[0, 0, 1, 1], backend=backend)
+    together = score.many(wanted)
+    assert [score(c).circuit_value for c in wanted[:2]] == [t.circuit_value for t in together[:2]]
+    assert len(calls) == 1, "the means are computed once for every circuit"
+    for a, t in zip(alone, together):
+        assert a.heads == t.heads and a.model_value == pytest.approx(t.model_value, abs=1e-6)
+        assert torch.allclose(a.per_prompt, t.per_prompt, atol=1e-5)
+    assert together[0].faithfulness == pytest.approx(1.0, abs=1e-5)
+    assert len({round(t.circuit_value, 4) for t in together}) == 3, "different circuits must score differently"
+    with pytest.raises(TypeError, match="each a list of heads"):
+        score.many(["L1H1", "L0H0"])
+    assert score.many([]) == []
 
 
 def test_grid_top_skips_nan_cells_in_every_order():

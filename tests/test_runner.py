@@ -177,6 +177,53 @@ def test_run_once_per_model_with_findings_per_notebook_and_model(tiny, tmp_path)
     assert "SEED=7" in page
 
 
+READER = """# %% tags=["parameters"]
+MODEL = "m0"
+SEED = 0
+QUICK = True
+
+# %%
+import os
+
+from mechlib.reports import FindingsRecord
+
+first = FindingsRecord.load("01_tiny", MODEL)
+record = FindingsRecord("02_reader", model=MODEL)
+record.add("01_tiny ran first", first is not None, holds=first is not None, threads=os.environ.get("MECHLIB_THREADS"))
+record.conclude()
+"""
+
+
+def test_side_by_side_runs_keep_order_where_a_notebook_reads_another(tiny, tmp_path, monkeypatch):
+    """``--jobs 2``: kernels run at once with their share of the cores, and a notebook that loads
+    the record of one listed before it starts only after that one ended on the same model (as in
+    a run one at a time)."""
+    from mechlib.runner import notebook_dependencies
+
+    reader = tiny.parent / "02_reader.py"
+    reader.write_text(READER)
+    assert notebook_dependencies(reader) == {"01_tiny"} and notebook_dependencies(tiny) == set()
+    monkeypatch.delenv("MECHLIB_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    reports = tmp_path / "reports"
+    lines = []
+    runs = run_notebooks([tiny, reader], models=["m1", "m2"], reports=reports, jobs=2, log=lines.append)
+    assert [(r.notebook, r.model, r.ok) for r in runs] == [
+        ("01_tiny", "m1", True),
+        ("01_tiny", "m2", True),
+        ("02_reader", "m1", True),
+        ("02_reader", "m2", True),
+    ], lines
+    starts = [line for line in lines if line.startswith("==")]
+    assert starts[:2] == ["== 01_tiny MODEL='m1'", "== 01_tiny MODEL='m2'"], "two kernels at once, in order"
+    for model in ("m1", "m2"):
+        (finding,) = json.loads((reports / "findings" / f"02_reader--{model}.json").read_text())["findings"]
+        assert finding["holds"] and finding["details"]["threads"] == "2"
+    with pytest.raises(ValueError, match="jobs must be a whole number of at least 1"):
+        run_notebooks([tiny], reports=reports, jobs=0)
+    assert "wall time" in time_table(runs, wall=12.0)
+
+
 def test_a_failing_notebook_is_reported_and_keeps_its_traceback(tmp_path):
     path = tmp_path / "03_fails.py"
     path.write_text('# %% tags=["parameters"]\nMODEL = "m"\n\n# %%\nraise RuntimeError("boom")\n')
@@ -191,6 +238,24 @@ def test_bad_parameters_are_refused_before_anything_runs(tiny, tmp_path, capsys)
     assert "does not define SEEED" in capsys.readouterr().err
     assert main([str(tiny), "-p", "MODEL=a", "--models", "b", "--reports", str(reports)]) == 2
     assert not (reports / "executed").exists()
+
+
+def test_a_bfloat16_run_is_saved_apart_and_printed_against_float32(tiny, tmp_path, capsys, monkeypatch):
+    """``make reproduce PRECISION=bfloat16``: the kernel sees the setting, the records and executed
+    copies get their own names, and the run ends with each finding beside the float32 record."""
+    reports = tmp_path / "reports"
+    monkeypatch.delenv("MECHLIB_PRECISION", raising=False)
+    assert main([str(tiny), "--reports", str(reports), "--no-html"]) == 0
+    assert "float32 (largest absolute difference" not in capsys.readouterr().out
+    monkeypatch.setenv("MECHLIB_PRECISION", "bfloat16")
+    assert main([str(tiny), "--reports", str(reports), "--no-html", "-p", "N=3"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((reports / "findings" / "01_tiny--m0--bfloat16.json").read_text())
+    assert record["precision"] == "bfloat16" and (reports / "executed" / "01_tiny--m0--bfloat16.ipynb").is_file()
+    assert json.loads((reports / "findings" / "01_tiny--m0.json").read_text())["precision"] == "float32"
+    assert "01_tiny / m0 / N and SEED are what was injected: 1" in out, out
+    assert "largest difference 1 over 1 numeric findings; 0 verdict(s) moved" in out
+    assert (reports / "precision-bfloat16.txt").read_text().startswith("bfloat16 against float32")
 
 
 def test_readme_section_is_rendered_between_the_markers(tmp_path):

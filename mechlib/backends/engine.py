@@ -19,6 +19,9 @@ Its speed-ups are its own business, worked out from the lists:
   noised embeddings) are cached once; a list resuming above them re-applies only those of the
   base's interventions that lie in the blocks and positions it recomputes.
 
+The engine is the one for the precision in force (:mod:`mechlib.precision`): float32, exact
+against the bridge, by default; bfloat16 matrix multiplies under the opt-in.
+
 ``embed`` sites are applied at ``blocks.0.hook_resid_pre`` (the residual minus the positional
 embedding is the token embedding), since a resumed call starts there.
 

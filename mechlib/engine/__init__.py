@@ -18,7 +18,9 @@ the bridge's activations and logits to float32 rounding (``tests/test_engine.py`
 hook on four architectures). Supported: LayerNorm or RMSNorm (folded), learned or rotary
 positions, grouped-query attention, gated or plain MLPs, attention-only models, and Gemma 3's
 additions (scaled embeddings, query/key RMSNorms, post-attention and post-MLP RMSNorms,
-sliding-window and global layers with their own rotary bases). Anything else raises
+sliding-window and global layers with their own rotary bases). ``Engine(model, "bfloat16")`` (what
+:func:`get_engine` builds under the :mod:`mechlib.precision` opt-in) keeps the matrix multiplies'
+weights in bfloat16 and is close to, not equal to, the bridge. Anything else raises
 :class:`UnsupportedModelError`, and callers fall back to the bridge's hooks.
 
 Example:

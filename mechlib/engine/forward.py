@@ -17,13 +17,18 @@ from jaxtyping import Float, Int
 
 from mechlib.engine.architecture import UnsupportedModelError, act_fn, check_supported, gemma_extras, make_rope
 from mechlib.engine.runs import HOOKS_PER_LAYER, BaseRun, EditContext, EditFn
+from mechlib.precision import check as check_precision
+from mechlib.precision import resolve as resolve_precision
 from mechlib.types import Model
 
 __all__ = ["Engine", "get_engine"]
 
 
 def _affine(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    return x @ w if b is None else x @ w + b
+    """``x @ w + b``; with bfloat16 weights (the ``bfloat16`` precision) the product takes bfloat16
+    inputs, accumulates in float32 and comes back in ``x``'s dtype."""
+    y = x @ w if w.dtype == x.dtype else (x.to(w.dtype) @ w).to(x.dtype)
+    return y if b is None else y + b
 
 
 # Hooks of the top block that fire after its queries: when only the last position's logits are
@@ -36,14 +41,19 @@ class Engine:
 
     Args:
         model: A bridge loaded by :func:`mechlib.models.load_model` (compatibility mode on).
+        precision: ``"float32"`` (the default: the bridge's own arithmetic) or ``"bfloat16"``
+            (the blocks' and the unembedding's matrix multiplies take bfloat16 inputs and
+            weights; see :mod:`mechlib.precision`).
 
     Raises:
         UnsupportedModelError: The architecture uses something the mirror does not
             reproduce (soft caps, embedding scaling, parallel attention, ...).
+        ValueError: An unknown ``precision``, or ``"bfloat16"`` for a model that is not float32.
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, precision: str = "float32") -> None:
         cfg = model.cfg
+        self.precision = check_precision(precision)
         self._model_ref = weakref.ref(model)
         self.cfg = cfg
         self.n_layers = cfg.n_layers
@@ -115,6 +125,16 @@ class Engine:
             self.b_o = [nz(b) for b in self.b_o]
             self.b_mlp_in = [nz(b) for b in self.b_mlp_in]
             self.b_mlp_out = [nz(b) for b in self.b_mlp_out]
+            if self.precision != "float32":
+                if self.dtype != torch.float32:
+                    raise ValueError(
+                        f"precision={self.precision!r} needs a float32 model, this one is {self.dtype}; "
+                        "load it in float32 or use precision='float32'"
+                    )
+                low = lambda ws: [w.to(torch.bfloat16) for w in ws]  # noqa: E731
+                self.W_qkv, self.W_o = low(self.W_qkv), low(self.W_o)
+                self.W_mlp_in, self.W_mlp_out = low(self.W_mlp_in), low(self.W_mlp_out)
+                self.W_U = self.W_U.to(torch.bfloat16)
         #: ``rope(q, k, positions, layer=0)`` or ``None`` (:func:`mechlib.engine.architecture.make_rope`).
         self.rope = make_rope(
             model, d_head=self.d_head, dtype=self.dtype, device=self.device, layer_types=self.layer_types
@@ -597,19 +617,26 @@ def _weights_version(model: Model) -> tuple[int, ...]:
     return tuple(p._version for p in model.parameters())
 
 
-def get_engine(model: Model) -> Optional[Engine]:
+def get_engine(model: Model, precision: Optional[str] = None) -> Optional[Engine]:
     """The model's engine, or ``None`` if its architecture cannot be mirrored.
 
-    Built once per model and rebuilt when the model's weights change (training steps,
-    ``load_state_dict``), so a cached engine never computes with stale weights.
+    Built once per model and precision, and rebuilt when the model's weights change (training
+    steps, ``load_state_dict``), so a cached engine never computes with stale weights.
+
+    Args:
+        model: The bridge.
+        precision: ``"float32"`` or ``"bfloat16"``; default the one in force
+            (:func:`mechlib.precision.current`: ``$MECHLIB_PRECISION``, else float32).
     """
+    precision = resolve_precision(precision)
     version = _weights_version(model)
-    hit = _ENGINES.get(model)
+    per_model = _ENGINES.setdefault(model, {})
+    hit = per_model.get(precision)
     if hit is not None and hit[0] == version:
         return hit[1]
     try:
-        eng = Engine(model)
+        eng = Engine(model, precision)
     except UnsupportedModelError:
         return None
-    _ENGINES[model] = (version, eng)
+    per_model[precision] = (version, eng)
     return eng
