@@ -6,10 +6,7 @@ Prints (1) tokens/s of collecting the residual stream at every layer for the par
 and in all, with the peaks it finds, and (3) the linear probes of a sweep fitted to convergence by
 ``mechlib.logistic`` against scikit-learn's ``StandardScaler + LogisticRegression`` one at a time
 (its defaults, ``max_iter=300``): time, how many scikit-learn fits stopped at ``max_iter``, and the
-largest held-out accuracy difference; (4) the same for the MLP probes: ``mechlib.mlp_probe``
-(every problem trained side by side) against scikit-learn's ``MLPClassifier`` one at a time (the same
-recipe, its own random draws, so accuracies agree on average, not fit by fit: the mean accuracy of
-each is printed). Last line, for the linear probes: ``ratio <scikit-learn time / mechlib time>
+largest held-out accuracy difference. Last line: ``ratio <scikit-learn time / mechlib time>
 max_acc_diff <largest accuracy difference>``.
 Run: python benchmarks/probing.py [--model smollm2-135m] [--seeds 0] [--layer-step 5]
 """
@@ -52,8 +49,7 @@ def main() -> None:
 
     if not args.skip_sweep:
         full_sweep(model, data, hooks, args.seeds)
-    compare_sklearn(model, data, hooks[:: args.layer_step], args.seeds, "mlp")
-    compare_sklearn(model, data, hooks[:: args.layer_step], args.seeds, "linear")
+    compare_sklearn(model, data, hooks[:: args.layer_step], args.seeds)
 
 
 def full_sweep(model, data, hooks, seeds) -> None:
@@ -73,7 +69,7 @@ def full_sweep(model, data, hooks, seeds) -> None:
         )
 
 
-def compare_sklearn(model, data, hooks, seeds, kind) -> None:
+def compare_sklearn(model, data, hooks, seeds) -> None:
     import warnings
 
     import numpy as np
@@ -81,37 +77,32 @@ def compare_sklearn(model, data, hooks, seeds, kind) -> None:
 
     acts = probing.collect(model, data, hooks, progress=False)
     t0 = time.perf_counter()
-    ours = probing.sweep(model, data, hooks=hooks, probes=(kind,), seeds=seeds, progress=False)
+    ours = probing.sweep(model, data, hooks=hooks, probes=("linear",), seeds=seeds, progress=False)
     t_ours = time.perf_counter() - t0
-    t_sk, diffs, capped, acc_ours, acc_sk = 0.0, [], 0, [], []
+    t_sk, diffs, capped = 0.0, [], 0
     for si, seed in enumerate(seeds):
         split = probing.split_by_group(data.sentence, 0.2, seed)
         labels = {"task": data.labels, "control": probing.control_labels(data.words, data.labels, seed)}
         for li, h in enumerate(hooks):
             for which, y in labels.items():
-                est = probing.make_probe(kind, seed)
+                est = probing.make_probe("linear", seed)
                 x, yy = acts[h].float().numpy(), np.asarray(y)
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     est.fit(x[split[0]], yy[split[0]])
                 t_sk += time.perf_counter() - t0
-                n_iter = est[-1].n_iter_
-                capped += int((n_iter[0] if kind == "linear" else n_iter) >= est[-1].max_iter)
+                capped += int(est[-1].n_iter_[0] >= est[-1].max_iter)
                 acc = float((est.predict(x[split[1]]) == yy[split[1]]).mean())
                 grid = ours.accuracy if which == "task" else ours.control
-                acc_sk.append(acc)
-                acc_ours.append(float(grid.samples[si, li, 0]))
-                diffs.append(abs(acc - acc_ours[-1]))
+                diffs.append(abs(acc - float(grid.samples[si, li, 0])))
     n = len(diffs)
-    ours_name = "mechlib.logistic" if kind == "linear" else "mechlib.mlp_probe"
     print(
-        f"{kind} probes, {len(hooks)} layers x (task + control) x {len(seeds)} seed(s) = {n} fits: "
-        f"{ours_name} {t_ours:.1f} s, scikit-learn one at a time {t_sk:.1f} s ({capped} of {n} stopped at max_iter "
-        f"unconverged); held-out accuracy differs by at most {max(diffs):.4f} (mean {sum(diffs) / n:.4f}); "
-        f"mean accuracy {sum(acc_ours) / n:.4f} (mechlib) vs {sum(acc_sk) / n:.4f} (scikit-learn)"
+        f"linear probes, {len(hooks)} layers x (task + control) x {len(seeds)} seed(s) = {n} fits: "
+        f"mechlib.logistic {t_ours:.1f} s, scikit-learn one at a time {t_sk:.1f} s ({capped} of {n} stopped at max_iter "
+        f"unconverged); held-out accuracy differs by at most {max(diffs):.4f} (mean {sum(diffs) / n:.4f})"
     )
-    print(f"{'' if kind == 'linear' else 'mlp '}ratio {t_sk / t_ours:.1f} max_acc_diff {max(diffs):.4f}")
+    print(f"ratio {t_sk / t_ours:.1f} max_acc_diff {max(diffs):.4f}")
 
 
 if __name__ == "__main__":

@@ -281,7 +281,9 @@ def model_device(model: Any) -> torch.device:
 
 
 def set_threads(n: Optional[int] = None) -> int:
-    """Set torch's intra-op threads explicitly (``$MECHLIB_THREADS``, else every core).
+    """Set torch's intra-op threads explicitly (``$MECHLIB_THREADS``, else every core), and the
+    same limit on NumPy's BLAS (scikit-learn, SciPy), which otherwise takes every core whatever
+    torch was told: two processes on two cores would then run four BLAS threads.
 
     Returns:
         The number of threads now in use.
@@ -292,6 +294,11 @@ def set_threads(n: Optional[int] = None) -> int:
         raise ValueError(f"threads must be at least 1, got {n}")
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn's dependency; without it NumPy's BLAS keeps its own count
+        return n
+    threadpool_limits(limits=n, user_api="blas")
     return n
 
 

@@ -18,8 +18,8 @@ What this module does, one step each:
   entering every layer, and after the last) for the labelled tokens, batched, with a progress bar;
   cached per (model, hook, data), so a layer sweep runs the model once.
 * :func:`fit_probe`: a linear probe (multinomial logistic regression, scikit-learn's objective
-  solved to convergence by :mod:`mechlib.logistic`) or a one-hidden-layer MLP (scikit-learn's
-  ``MLPClassifier`` recipe, batched over problems by :mod:`mechlib.mlp_probe`), trained on a seeded split *by sentence* (:func:`split_by_group`), scored on the held-out sentences.
+  solved to convergence by :mod:`mechlib.logistic`) or a one-hidden-layer MLP (scikit-learn),
+  trained on a seeded split *by sentence* (:func:`split_by_group`), scored on the held-out sentences.
 * :func:`control_labels`: Hewitt & Liang's control task.
 * :func:`sweep`: every layer x probe, task and control, over seeds, as :class:`SeedGrid` results
   (``Grid(layer, probe)`` with the per-seed values, intervals and a plot), gathered in a
@@ -456,8 +456,7 @@ def make_probe(
     early_stopping: bool = True,
     alpha: float = 1e-4,
 ) -> Any:
-    """A fresh scikit-learn probe (the reference :mod:`mechlib.logistic` and :mod:`mechlib.mlp_probe`
-    are tested against; :func:`fit_probe` and :func:`sweep` use those): standardised inputs, then
+    """A fresh scikit-learn probe: standardised inputs, then
 
     * ``"linear"``: multinomial logistic regression (L2, ``C``), or
     * ``"mlp"``: one hidden ReLU layer of ``hidden`` units (Adam, L2 ``alpha``; with
@@ -496,8 +495,8 @@ class ProbeFit:
         majority: Held-out accuracy of always answering the training set's most frequent label.
         n_train, n_test: Rows on each side.
         correct: ``[n_test]`` whether each held-out row was right (for :func:`mechlib.stats.rate_ci`).
-        estimator: The fitted probe: a single-problem :class:`mechlib.logistic.LogisticFit` (linear) or
-            :class:`mechlib.mlp_probe.MLPFit` (MLP).
+        estimator: The fitted probe: a single-problem :class:`mechlib.logistic.LogisticFit` (linear) or a
+            scikit-learn pipeline (MLP).
     """
 
     kind: str
@@ -538,15 +537,15 @@ def fit_probe(
         features: ``[n, d]`` activations (tensor or array).
         labels: ``[n]`` labels.
         groups: ``[n]`` sentence of each row: the split holds out whole sentences.
-        kind: ``"linear"`` or ``"mlp"``.
+        kind: ``"linear"`` or ``"mlp"`` (:func:`make_probe`).
         seed: Seeds the split and the probe's initialisation.
         test_fraction: Share of sentences held out.
         split: ``(train_index, test_index)`` to use instead of drawing one.
         **probe_kw: ``C`` and ``max_iter`` (L-BFGS iterations) for the linear probe, which
             :func:`mechlib.logistic.fit_logistic` fits to convergence (scikit-learn's
             ``LogisticRegression`` objective; its own default stops at 300 iterations, often before
-            converging on control tasks); ``hidden``, ``alpha``, ``max_iter`` (epochs) and
-            ``early_stopping`` for the MLP probe (:func:`mechlib.mlp_probe.fit_mlp`).
+            converging on control tasks); ``hidden``, ``C``, ``max_iter`` (epochs) for the MLP
+            probe (:func:`make_probe`).
 
     Raises:
         ValueError: Labels, groups and features of different lengths; a single class; a training
@@ -573,13 +572,15 @@ def fit_probe(
         est = _linear_fits([torch.from_numpy(x)], [(0, yi, is_train)], len(classes), **probe_kw)[0]
         pred = classes[est.predict(torch.from_numpy(x)[None])[0].numpy()]
     else:
-        if kind not in PROBES:
-            raise ValueError(f"probe kind must be one of {PROBES}, got {kind!r}")
-        classes, yi = np.unique(y, return_inverse=True)
-        is_train = np.zeros(len(y), bool)
-        is_train[train] = True
-        est = _mlp_fits([torch.from_numpy(x)], [(0, yi, is_train)], len(classes), [seed], **probe_kw)[0]
-        pred = classes[est.predict(torch.from_numpy(x)[None])[0].numpy()]
+        est = make_probe(kind, seed, **probe_kw)
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(x[train], y[train])
+        pred = est.predict(x)
     correct = pred[test] == y[test]
     return ProbeFit(
         kind,
@@ -619,44 +620,6 @@ def _linear_fits(
     tr = torch.stack([torch.as_tensor(m, dtype=torch.bool) for _, _, m in problems])
     fit = fit_logistic(
         x, y, tr, n_classes=n_classes, features=[f for f, _, _ in problems], C=C, max_iter=max_iter, progress=progress
-    )
-    return [fit[p] for p in range(len(problems))]
-
-
-def _mlp_fits(
-    features: Sequence[torch.Tensor],
-    problems: Sequence[tuple[int, np.ndarray, np.ndarray]],
-    n_classes: int,
-    seeds: Sequence[int],
-    *,
-    hidden: int = 64,
-    alpha: float = 1e-4,
-    max_iter: int = 300,
-    early_stopping: bool = True,
-    progress: bool = False,
-    **_unused: Any,
-) -> list[Any]:
-    """MLP probes for many problems ``(feature index, class indices [n], train mask [n])``, trained
-    side by side by :func:`mechlib.mlp_probe.fit_mlp` (problem ``i`` seeded by ``seeds[i]``); one
-    single-problem :class:`~mechlib.mlp_probe.MLPFit` per problem. Linear-only options (``C``) are
-    ignored."""
-    from mechlib.mlp_probe import fit_mlp
-
-    x = torch.stack([f.float() for f in features])
-    y = torch.stack([torch.as_tensor(yi, dtype=torch.long) for _, yi, _ in problems])
-    tr = torch.stack([torch.as_tensor(m, dtype=torch.bool) for _, _, m in problems])
-    fit = fit_mlp(
-        x,
-        y,
-        tr,
-        n_classes=n_classes,
-        features=[f for f, _, _ in problems],
-        seeds=list(seeds),
-        hidden=hidden,
-        alpha=alpha,
-        max_iter=max_iter,
-        early_stopping=early_stopping,
-        progress=progress,
     )
     return [fit[p] for p in range(len(problems))]
 
@@ -815,8 +778,7 @@ def sweep(
     Each seed draws its own sentence split, its own control task (:func:`control_labels`) and its
     own probe initialisation; within a seed, task and control probes share the split. Every linear
     probe of the sweep (seeds x layers x task and control) is fitted to convergence by
-    :func:`mechlib.logistic.fit_logistic`, each problem by its own L-BFGS; every MLP probe is
-    trained side by side with the others by :func:`mechlib.mlp_probe.fit_mlp`.
+    :func:`mechlib.logistic.fit_logistic`, each problem by its own L-BFGS.
 
     Args:
         model: A bridge.
@@ -828,7 +790,7 @@ def sweep(
         test_fraction: Share of sentences held out.
         layer_labels: Labels of the layer rows (default: ``0..len(hooks)-1``; with the default
             hooks, row ``l`` has passed ``l`` layers).
-        **probe_kw: For the probes (see :func:`fit_probe`).
+        **probe_kw: For :func:`make_probe`.
 
     Returns:
         A :class:`ProbeSweep`.
@@ -878,27 +840,21 @@ def sweep(
             pred = fit.predict(X)[0].numpy()
             acc = float((pred[test] == yi[test]).mean())
             (task if which == "task" else ctrl)[si, li, pi] = acc
-    # MLP probes: every (seed, layer, task/control) problem trained side by side in one call.
-    if "mlp" in probes:
-        pi = probes.index("mlp")
-        feats = [acts[h].float() for h in hooks]
-        jobs, problems, problem_seeds = [], [], []
-        for si, (train, test) in enumerate(splits):
-            mask = np.zeros(len(y_task), bool)
-            mask[train] = True
-            for which, y in (("task", y_task), ("control", c_all[si])):
-                if y is None:
-                    continue
-                yi = np.searchsorted(classes, y)
-                for li in range(L):
-                    jobs.append((si, li, which, test, yi))
-                    problems.append((li, yi, mask))
-                    problem_seeds.append(seeds[si])
-        fits = _mlp_fits(feats, problems, len(classes), problem_seeds, progress=progress, **probe_kw)
-        X = torch.stack(feats)
-        for (si, li, which, test, yi), fit in zip(jobs, fits):
-            pred = fit.predict(X)[0].numpy()
-            (task if which == "task" else ctrl)[si, li, pi] = float((pred[test] == yi[test]).mean())
+    rest = [k for k in probes if k != "linear"]
+    bar = tqdm(total=S * L * len(rest) * (2 if control else 1), desc="probes", disable=not progress, leave=False)
+    for si, seed in enumerate(seeds):
+        split = splits[si]
+        for li, h in enumerate(hooks):
+            for kind in rest:
+                pi = probes.index(kind)
+                fit = fit_probe(acts[h], data.labels, data.sentence, kind=kind, seed=seed, split=split, **probe_kw)
+                task[si, li, pi] = fit.accuracy
+                bar.update()
+                if control:
+                    cfit = fit_probe(acts[h], c_all[si], data.sentence, kind=kind, seed=seed, split=split, **probe_kw)
+                    ctrl[si, li, pi] = cfit.accuracy
+                    bar.update()
+    bar.close()
     rows = list(layer_labels) if layer_labels is not None else [str(i) for i in range(L)]
     labels = {"layer": rows, "probe": probes}
     acc = SeedGrid.from_samples(

@@ -482,15 +482,21 @@ def test_random_model_overrides_and_registry_configs(tiny_llama):
 
 
 def test_set_threads(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
     before = torch.get_num_threads()
+    blas = threadpool_limits(limits=None)  # restores NumPy's BLAS pools at the end
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {1}, "BLAS follows"
         monkeypatch.setenv("MECHLIB_THREADS", "2")
         assert set_threads() == 2
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {2}
         with pytest.raises(ValueError, match="at least 1"):
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+        blas.restore_original_limits()
 
 
 # ---------------------------------------------------------------------- GPT-2 offline: random weights, real tokenizer
