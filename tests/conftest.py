@@ -13,9 +13,9 @@ if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("MECHLIB_THREADS
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ["MECHLIB_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, _workers)))
 if os.environ.get("MECHLIB_THREADS"):
-    import torch  # noqa: E402
+    from mechlib.models import set_threads  # noqa: E402
 
-    torch.set_num_threads(int(os.environ["MECHLIB_THREADS"]))
+    set_threads()  # torch's threads and NumPy's BLAS (scikit-learn in the tests)
 
 
 def pytest_collection_modifyitems(config, items):
