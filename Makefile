@@ -25,7 +25,8 @@ PARAMS ?=
 # records in reports/ (mechlib/precision.py), e.g. make reproduce PRECISION=bfloat16
 PRECISION ?= float32
 # make reproduce: notebooks run at once, each kernel with cores/JOBS torch threads; a notebook that
-# reads another's findings record waits for it (python -m mechlib.runner --jobs), e.g. JOBS=2
+# reads another's findings record waits for it (python -m mechlib.runner --jobs), e.g. JOBS=2. On
+# a 2-core machine it did not pay (notebooks 00, 01, 04: 106 s side by side, 90 s one at a time)
 JOBS ?= 1
 # make test: pytest-xdist worker processes; the cores are shared between them (tests/conftest.py
 # sets MECHLIB_THREADS to each worker's share), and the notebook runs, longest first, start first.
