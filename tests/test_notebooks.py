@@ -162,11 +162,11 @@ DOES_NOT_HOLD_FILE = REPO / "tests" / "does_not_hold.json"
 # so that two pytest-xdist workers finish together (`make test` runs `-n 2`).
 EXPECTED_SECONDS = {
     "00_tour": 30,
-    "01_induction_heads": 80,
-    "02_ioi_circuit": 240,
-    "03_factual_recall_causal_tracing": 250,
-    "04_circuit_discovery": 100,
-    "05_probing_control_tasks": 160,
+    "01_induction_heads": 90,
+    "02_ioi_circuit": 160,
+    "03_factual_recall_causal_tracing": 230,
+    "04_circuit_discovery": 80,
+    "05_probing_control_tasks": 110,
     "06_self_explanations": 200,
 }
 NOTEBOOK_RUNS = sorted(
