@@ -133,10 +133,7 @@ class CircuitEvaluator:
         """The :class:`CircuitScore` of each circuit, in order; their ablated runs go to the backend
         as one batch of intervention lists."""
 
-        def is_head(c: Any) -> bool:
-            return isinstance(c, str) or (isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) for x in c))
-
-        if isinstance(circuits, str) or not isinstance(circuits, Sequence) or any(is_head(c) for c in circuits):
+        if isinstance(circuits, str) or not isinstance(circuits, Sequence) or any(map(validate.is_head, circuits)):
             raise TypeError(
                 f"circuits must be a list of circuits, each a list of heads, got {circuits!r:.80}; "
                 "score one circuit with evaluator(heads)"

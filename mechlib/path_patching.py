@@ -338,11 +338,12 @@ def path_patch_many(
         >>> found, *controls = path_patch_many(model, ds.tokens, ds.corrupted_tokens, metric,
         ...                                    [["L7H3", "L8H6"], ["L7H1", "L8H2"]], ["L9H6"])  # doctest: +SKIP
     """
-    flat = any(
-        isinstance(c, str) or (isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) for x in c))
-        for c in (sender_sets if isinstance(sender_sets, Sequence) and not isinstance(sender_sets, str) else [])
-    )
-    if isinstance(sender_sets, str) or not isinstance(sender_sets, Sequence) or not sender_sets or flat:
+    if (
+        isinstance(sender_sets, str)
+        or not isinstance(sender_sets, Sequence)
+        or not sender_sets
+        or any(map(validate.is_head, sender_sets))
+    ):
         raise TypeError(
             f"sender_sets must be a non-empty list of sender sets (each a list of heads), got {sender_sets!r:.80}; "
             "patch one set with path_patch"

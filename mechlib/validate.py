@@ -39,6 +39,7 @@ __all__ = [
     "whole",
     "finite",
     "int_list",
+    "is_head",
     "layer_list",
     "head_list",
     "position_list",
@@ -254,12 +255,17 @@ def parse_head(label: str | tuple[int, int]) -> tuple[int, int]:
 _HEAD_RE = re.compile(r"[Ll]([0-9]+)[Hh]([0-9]+)|([0-9]+)\.([0-9]+)")
 
 
+def is_head(value: Any) -> bool:
+    """Whether ``value`` names one head (``"L5H1"`` or ``(5, 1)``) rather than a list of heads."""
+    return isinstance(value, str) or (isinstance(value, tuple) and len(value) == 2 and all(_is_int(x) for x in value))
+
+
 def head_specs(model: Model, heads: Any, name: str = "heads") -> list[tuple[int, int]]:
     """``"L5H1"`` / ``(5, 1)`` or a list of them as unique ``(layer, head)`` pairs (in the given
     order), read by :func:`parse_head` and checked against the model."""
     if heads is None:
         raise TypeError(f"{name} must be heads like ['L5H1', (5, 1)], got None")
-    if isinstance(heads, str) or (isinstance(heads, tuple) and len(heads) == 2 and all(_is_int(x) for x in heads)):
+    if is_head(heads):
         heads = [heads]
     if not isinstance(heads, Iterable) or isinstance(heads, torch.Tensor):
         raise TypeError(f"{name} must be heads like ['L5H1', (5, 1)], got {heads!r} ({type(heads).__name__})")
