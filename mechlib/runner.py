@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import mechlib.precision
-from mechlib import publish
+from mechlib import publish, validate
 from mechlib.reports import compare_precisions, record_stem, reports_dir
 
 __all__ = [
@@ -319,14 +319,14 @@ def run_notebooks(
 
     Raises:
         ValueError: ``MODEL`` both in ``parameters`` and through ``models``; bad parameters for any
-            notebook (checked for all of them before the first one runs); ``jobs`` below 1.
+            notebook (checked for all of them before the first one runs); ``jobs`` below 1
+            (``TypeError`` where it is not a whole number).
     """
     parameters = dict(parameters or {})
     models = list(models or [])
     if models and "MODEL" in parameters:
         raise ValueError("give the model either as -p MODEL=... or through --models, not both")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a whole number of at least 1, got {jobs!r}")
+    jobs = validate.whole(jobs, "jobs", minimum=1)
     plans = [(Path(p), {**parameters, **({"MODEL": m} if m else {})}) for p in paths for m in (models or [None])]
     for path, params in plans:  # every injection is checked before anything runs
         inject_parameters(load_notebook(path), params, where=_pair(path)[0].name)

@@ -219,7 +219,7 @@ def test_side_by_side_runs_keep_order_where_a_notebook_reads_another(tiny, tmp_p
     for model in ("m1", "m2"):
         (finding,) = json.loads((reports / "findings" / f"02_reader--{model}.json").read_text())["findings"]
         assert finding["holds"] and finding["details"]["threads"] == "2"
-    with pytest.raises(ValueError, match="jobs must be a whole number of at least 1"):
+    with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
         run_notebooks([tiny], reports=reports, jobs=0)
     assert "wall time" in time_table(runs, wall=12.0)
 
