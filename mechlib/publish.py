@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import mechlib.precision
 from mechlib.reports import by_model, gather, record_stem, render_across_models, render_by_model, reports_dir
 
 __all__ = ["README_END", "README_START", "gather_all", "notebook_html", "update_readme", "write_index"]
@@ -201,7 +202,8 @@ def update_readme(
 
     Args:
         complete: Whether the run was a complete, default one (every notebook, nothing injected);
-            only then is the README rewritten, so a trial run never lands in it.
+            only then, and only at float32 (:mod:`mechlib.precision`), is the README rewritten, so
+            a trial run never lands in it.
         names: Only these records (``<notebook>--<model>``, e.g. the runs just made); default all.
         readme: The file (default: the repository's ``README.md``).
 
@@ -213,7 +215,7 @@ def update_readme(
     """
     reports = Path(reports) if reports is not None else reports_dir()
     readme = Path(readme) if readme is not None else REPO / "README.md"
-    if not complete:
+    if not complete or mechlib.precision.current() != mechlib.precision.REFERENCE:
         return "README not rewritten: only a run of every notebook with no injected parameter, at float32, rewrites it"
     text = readme.read_text(encoding="utf-8")
     if (

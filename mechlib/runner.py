@@ -445,7 +445,7 @@ def main(argv: Optional[Iterable[str]] = None, *, readme: bool = False, prog: st
     if not args.no_html:
         print(f"notebooks and findings as HTML: {publish.write_index(reports, runs)}")
     if readme:
-        complete = not args.notebooks and not parameters and mechlib.precision.current() == mechlib.precision.REFERENCE
+        complete = not args.notebooks and not parameters
         print(publish.update_readme(reports, complete=complete, names=[r.name for r in runs]))
     print()
     print(time_table(runs, wall if args.jobs > 1 else None))

@@ -270,6 +270,11 @@ def test_readme_section_is_rendered_between_the_markers(tmp_path):
     readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold text 0.42\n{README_END}\n\nafter\n")
     assert "not rewritten" in update_readme(reports, complete=False, readme=readme)
     assert "old text 0.42" in readme.read_text()
+    import mechlib.precision
+
+    with mechlib.precision.use("bfloat16"):  # the README shows float32, the reference, only
+        assert "at float32" in update_readme(reports, readme=readme)
+    assert "old text 0.42" in readme.read_text()
 
     update_readme(reports, readme=readme)
     text = readme.read_text()
