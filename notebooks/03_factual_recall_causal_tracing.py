@@ -70,6 +70,9 @@ torch.manual_seed(SEED)
 model = mechlib.load_model(MODEL)
 n_layers = model.cfg.n_layers
 print(MODEL, f"{n_layers} layers")
+if WINDOW > n_layers:  # a window cannot hold more layers than the model has
+    print(f"WINDOW = {WINDOW} is more than {MODEL}'s {n_layers} layers: windows of {n_layers} layers are used")
+    WINDOW = n_layers
 
 # %% [markdown]
 # ## The facts the model knows

@@ -538,6 +538,16 @@ def test_gpt2_small_random_is_registered_for_testing_the_gpt2_path():
     assert "GPT-2 code path" in list_models()["gpt2-small-random"]
 
 
+def test_gpt2_small_random_4l_differs_from_gpt2_small_random_in_depth_only():
+    """The notebook tests' GPT-2 model: every field of GPT-2 small's config but the layer count."""
+    full, short = models._REGISTRY["gpt2-small-random"], models._REGISTRY["gpt2-small-random-4l"]
+    assert short.config["n_layer"] == 4 and full.config["n_layer"] == 12
+    assert {k: v for k, v in short.config.items() if k != "n_layer"} == {
+        k: v for k, v in full.config.items() if k != "n_layer"
+    }
+    assert (short.source, short.tokenizer, short.prepend_bos) == (full.source, full.tokenizer, full.prepend_bos)
+
+
 @pytest.mark.slow
 def test_gpt2_small_random_is_gpt2_small_with_random_weights():
     """What load_model("gpt2-small") builds (same class, config, boot path, tokenizer and BOS
