@@ -274,7 +274,7 @@ _register(
         "gpt2-small-random-4l",
         "random-hf",
         "gpt2-small-random with 4 of its 12 layers (GPT2LMHeadModel, GPT-2's real tokenizer and vocabulary), "
-        "seeded; offline: the GPT-2 code path at a third of the cost",
+        "seeded; offline: the GPT-2 code path in about half the time",
         "GPT2LMHeadModel",
         config={**_GPT2_SMALL_CONFIG, "n_layer": 4},
         prepend_bos=True,

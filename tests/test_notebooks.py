@@ -227,7 +227,7 @@ def test_notebook_runs_and_findings_hold(path, model, tmp_path, monkeypatch, rec
 # --- every notebook on a random GPT-2: the GPT-2 code path, offline (issue 9) -----------------------
 # `gpt2-small-random-4l` is what load_model("gpt2-small") builds (GPT2LMHeadModel with GPT-2 small's
 # config, GPT-2's own tokenizer, the same bridge boot path), with seeded random weights and 4 of its
-# 12 layers: the code path is the same at a third of the cost (issue 15), and a model shallower than
+# 12 layers: the code path is the same in about half the time (issue 15), and a model shallower than
 # notebook 03's 10-layer window runs too. Its claims are not expected to hold; every notebook must
 # still run to its end and record them, so that MODEL="gpt2-small" on a machine with the hub is not
 # the first time that code path runs.
