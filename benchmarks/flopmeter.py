@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,10 +110,11 @@ class FlopMeter:
             done_flops += 2.0 * b * m * k * n * calls
         return done_seconds * total / done_flops
 
-    def line(self, seconds: float) -> str:
-        """``flops <achieved GFLOP/s> peak <GEMM GFLOP/s> (<percent>% of peak)`` for a run of ``seconds``."""
+    def line(self, seconds: float, peak_seconds: Optional[float] = None) -> str:
+        """``flops <achieved GFLOP/s> peak <GEMM GFLOP/s> (<percent>% of peak)`` for a run of ``seconds``;
+        ``peak_seconds``: :meth:`peak_seconds` where the caller has measured it already."""
         achieved = self.flops / seconds / 1e9
-        peak = self.flops / self.peak_seconds() / 1e9
+        peak = self.flops / (peak_seconds if peak_seconds is not None else self.peak_seconds()) / 1e9
         return f"flops {achieved:.1f} peak {peak:.1f} ({100 * achieved / peak:.0f}% of peak)"
 
     def summary(self) -> str:

@@ -10,6 +10,7 @@ import json
 import jupytext
 import pytest
 
+import mechlib.precision
 from mechlib.publish import README_END, README_START, update_readme, write_index
 from mechlib.reports import gather, render_by_model
 from mechlib.runner import (
@@ -270,8 +271,6 @@ def test_readme_section_is_rendered_between_the_markers(tmp_path):
     readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold text 0.42\n{README_END}\n\nafter\n")
     assert "not rewritten" in update_readme(reports, complete=False, readme=readme)
     assert "old text 0.42" in readme.read_text()
-    import mechlib.precision
-
     with mechlib.precision.use("bfloat16"):  # the README shows float32, the reference, only
         assert "at float32" in update_readme(reports, readme=readme)
     assert "old text 0.42" in readme.read_text()
